@@ -1,0 +1,89 @@
+"""Frozen dataclasses exchanged between the runtime's stages (shapes in field comments)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """What the ONNX vision encoder returns for one image."""
+
+    features: np.ndarray  # [N, D] float32: patch tokens of hidden_states[f] ([CLS] dropped)
+    cls_attn: np.ndarray  # [f, H, N] float32: [CLS]->patch softmax rows of blocks 1..f
+    keys: np.ndarray  # [N, D/H] float32: head-mean k_proj output of block f, patches only
+
+    def __post_init__(self) -> None:
+        n, _ = self.features.shape
+        if self.cls_attn.ndim != 3 or self.cls_attn.shape[2] != n:
+            raise ValueError(f"cls_attn must be [f, H, {n}], got {self.cls_attn.shape}")
+        if self.keys.ndim != 2 or self.keys.shape[0] != n:
+            raise ValueError(f"keys must be [{n}, D/H], got {self.keys.shape}")
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        """f: the number of encoder blocks computed (the feature layer)."""
+        return int(self.cls_attn.shape[0])
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    """What the language-model probe (the first P-1 decoder layers in llama.cpp) returns.
+
+    ``hidden`` is the input of decoder layer P-1's attention, i.e. RMSNorm_{P-1}(h_{P-1}), for
+    every position of the probed sequence (prompt prefix, N image rows, prompt suffix).
+    Queries/keys of layer P-1 are ``hidden @ q_weight.T`` / ``hidden @ k_weight.T`` (pre-RoPE,
+    Hugging Face row layout: head-major, ``[n_head * d_head, d_model]``).
+    """
+
+    hidden: np.ndarray  # [T, d_model] float32
+    image_start: int  # position of the first image row in the probed sequence
+    num_image: int  # N: image rows probed (all patches)
+    q_weight: np.ndarray  # [n_head * d_head, d_model] float32: W_q of layer P-1 (HF layout)
+    k_weight: np.ndarray  # [n_head_kv * d_head, d_model] float32: W_k of layer P-1 (HF layout)
+    n_head: int
+    n_head_kv: int
+    rope_theta: float  # RoPE base (HF rotate-half convention, positions 0..T-1)
+
+    def __post_init__(self) -> None:
+        t, d = self.hidden.shape
+        if not 0 <= self.image_start <= self.image_start + self.num_image <= t:
+            raise ValueError(f"image rows [{self.image_start}, +{self.num_image}) outside [0, {t})")
+        if self.q_weight.shape[1] != d or self.q_weight.shape[0] % self.n_head:
+            raise ValueError(f"q_weight must be [n_head*d_head, {d}], got {self.q_weight.shape}")
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """Everything a strategy may look at; expensive extras are callables run on demand."""
+
+    encoded: EncoderOutput
+    project: Callable[[np.ndarray], np.ndarray]  # [M, D] -> [M, E]: the multimodal projector
+    probe: Callable[[np.ndarray], ProbeOutput] | None = None  # [N, E] image embeddings -> probe
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A strategy's answer: the K tokens to project, in the order they are fed to the LLM."""
+
+    kept: np.ndarray  # [K] int64: patch index of each output token
+    tokens: np.ndarray  # [K, D] float32: (merged) features to run through the projector
+    counts: np.ndarray  # [K] int64: patches each token stands for (1 when nothing merged)
+    report: Mapping[str, Any] = field(default_factory=dict)  # JSON-serialisable extras
+
+    def __post_init__(self) -> None:
+        k = self.kept.shape[0]
+        if self.kept.ndim != 1 or self.tokens.ndim != 2 or self.tokens.shape[0] != k:
+            raise ValueError(
+                f"Selection needs kept [K] and tokens [K, D]; got {self.kept.shape}, {self.tokens.shape}"
+            )
+        if self.counts.shape != (k,):
+            raise ValueError(f"counts must be [{k}], got {self.counts.shape}")

@@ -1,0 +1,168 @@
+"""Write a tiny random LLaVA-1.5 checkpoint that Hugging Face loads like the real one.
+
+``python tools/make_tiny_llava.py OUT [--seed S] [--vision-layers 24] [--full-vision]``
+
+The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 blocks,
+``vision_feature_layer=-2``) at a small width; the text model is a 4-layer LLaMA; the
+tokenizer is a byte-fallback SentencePiece BPE trained here on a generated corpus (the same
+kind of model as LLaMA's), with ``<image>`` and ``<pad>`` added as LLaVA-hf does.
+
+Peaky attention: with default initialisation every block's [CLS] attention is almost uniform
+(entropy ≈ ln 576), so rankings would be decided by noise. We scale the query/key weights of
+each block by a depth-dependent factor (``qk_gain``) so that attention sharpens with depth, as
+in trained CLIP, and rankings have clear margins (the tests assert the margins they rely on).
+``--full-vision`` gives the ViT-L/14-336 width (1024, 16 heads) for benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+PATCH = 14
+IMAGE = 336
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] }} "
+    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
+    "{% else %}ASSISTANT: {{ message['content'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_WORDS = (
+    "the a an cat dog bird sits on under mat table red blue green yellow black white image "
+    "picture photo shows what is in this describe color shape circle square triangle big small "
+    "left right top bottom yes no there are two three one how many person man woman car tree "
+    "sky water road house sign text reads says answer question USER ASSISTANT"
+).split()
+
+
+def _train_tokenizer(workdir: Path, vocab_size: int, seed: int) -> Path:
+    """Train a byte-fallback SentencePiece BPE model (LLaMA's kind) on a generated corpus."""
+    import sentencepiece as spm
+
+    rng = random.Random(seed)
+    corpus = workdir / "corpus.txt"
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 14))) for _ in range(3000)]
+    lines += ["USER: <image>\nWhat is shown? ASSISTANT: A picture.", "0123456789 .,:;!?'\"()-"]
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(workdir / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, split_digits=True, add_dummy_prefix=True,
+        normalization_rule_name="identity", minloglevel=2, num_threads=1,
+    )
+    return workdir / "tokenizer.model"
+
+
+def _sharpen_attention(vision_tower, qk_gain: tuple[float, float], seed: int) -> None:
+    """Scale each block's q/k projections so [CLS] attention gets peaky, more so with depth."""
+    import torch
+
+    layers = vision_tower.encoder.layers
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = qk_gain
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            depth = i / max(1, len(layers) - 1)
+            # gain grows with depth, with a per-block jitter so neighbouring blocks differ
+            gain = lo + (hi - lo) * depth + 0.15 * (hi - lo) * float(torch.rand(1, generator=gen) - 0.5)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                std = gain / proj.in_features**0.5
+                proj.weight.normal_(0.0, std, generator=gen)
+                proj.bias.normal_(0.0, 0.5 * std, generator=gen)
+        # visible position structure so that some patches win consistently
+        emb = vision_tower.embeddings
+        emb.position_embedding.weight.normal_(0.0, 0.5, generator=gen)
+        emb.class_embedding.normal_(0.0, 1.0, generator=gen)
+
+
+def build_tiny_llava(
+    out: str | Path,
+    seed: int = 0,
+    vision_layers: int = 24,
+    vision_width: int = 64,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_width: int = 64,
+    qk_gain: tuple[float, float] = (1.0, 3.0),
+) -> Path:
+    """Write the checkpoint to ``out`` and return the path."""
+    import torch
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlamaTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        sp_model = _train_tokenizer(Path(tmp), vocab_size=512, seed=seed)
+        (out / "tokenizer.model").write_bytes(sp_model.read_bytes())
+    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+
+    vision = CLIPVisionConfig(
+        hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads, image_size=IMAGE, patch_size=PATCH, projection_dim=vision_width,
+        hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width + 32,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=len(tokenizer) - 1, tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_index,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE // PATCH) ** 2, pad_token_id=len(tokenizer) - 1,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    _sharpen_attention(model.model.vision_tower, qk_gain, seed)
+    with torch.no_grad():  # LLaMA-like scale for the text model so logits are not all ~0
+        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    model.save_pretrained(out)
+
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_pad=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="directory to write the checkpoint into")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--vision-layers", type=int, default=24, help="CLIP blocks (default: 24)")
+    parser.add_argument("--full-vision", action="store_true",
+                        help="ViT-L/14-336 width (1024, 16 heads) instead of the tiny one")
+    args = parser.parse_args(argv)
+    width, heads = (1024, 16) if args.full_vision else (64, 4)
+    path = build_tiny_llava(args.out, seed=args.seed, vision_layers=args.vision_layers,
+                            vision_width=width, vision_heads=heads)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
