@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from runtime.errors import UserError
 
@@ -24,3 +25,30 @@ def run_cli(body: Callable[[], int], prog: str) -> int:
 def log(message: str, stream: TextIO | None = None) -> None:
     """Write one progress line to stderr (results go to stdout)."""
     print(message, file=stream or sys.stderr, flush=True)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``prog: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def layer_range(text: str) -> tuple[int, int]:
+    """Parse ``LO-HI`` (or a single ``L``) into an inclusive 1-based layer range."""
+    lo, sep, hi = text.partition("-")
+    try:
+        pair = (int(lo), int(hi if sep else lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer range like 6-8, got {text!r}") from None
+    return pair
+
+
+def layer_pair(text: str) -> tuple[int, int]:
+    """Parse ``LS,LD`` (shallow and deep layer for the ``fixed`` rule)."""
+    parts = text.split(",")
+    try:
+        shallow, deep = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two layers like 6,20, got {text!r}") from None
+    return shallow, deep

@@ -99,3 +99,8 @@ def is_local_path(model: str) -> bool:
 def default_bundle_dir(alias: str) -> Path:
     """Where the exporters write an alias's bundle by default: ``models/<alias>/`` (git-ignored)."""
     return Path(str(resources.files("models"))) / alias
+
+
+def bundle_path(model: str) -> Path:
+    """A bundle directory from ``--model``: an alias means ``models/<alias>/``, else a path."""
+    return default_bundle_dir(model) if model in known_aliases() else Path(model).expanduser()

@@ -132,8 +132,11 @@ def build_tiny_llava(
     )
     model = LlavaForConditionalGeneration(config).eval()
     _sharpen_attention(model.model.vision_tower, qk_gain, seed)
-    with torch.no_grad():  # LLaMA-like scale for the text model so logits are not all ~0
-        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # O(1) activations so that numeric bugs (e.g. tanh GELU) show up
+        model.lm_head.weight.normal_(0.0, 0.5, generator=gen)
+        for linear in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            linear.weight.normal_(0.0, 2.0 / linear.in_features**0.5, generator=gen)
     model.save_pretrained(out)
 
     image_processor = LlavaImageProcessorPil(

@@ -1,0 +1,156 @@
+"""``python -m export.clip``: export LLaVA's CLIP tower and projector to a validated ONNX bundle.
+
+Writes ``vision.onnx`` (features, [CLS]→patch attention rows of blocks 1..f, head-mean keys of
+block f; the graph ends at block f), ``projector.onnx`` and ``manifest.json`` (optionally
+``vision.int8.onnx``). Everything is written to a temporary directory beside ``--out`` and
+moved into place only after validation passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.atomic import write_json_atomic
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.errors import InputError, UserError
+from runtime.manifest import MANIFEST
+from runtime.registry import default_bundle_dir, known_aliases
+
+DEFAULT_OPSET = 18
+STEPS = 5
+
+
+class ValidationFailed(UserError):
+    """An exported graph disagrees with PyTorch beyond tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    table: str
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise InputError(f"--out {out} exists and is not empty; pass --force to replace its export files")
+
+
+def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET, int8: bool = False,
+                validate: bool = True, force: bool = False) -> ExportResult:
+    """Export, validate and write the bundle; returns where it went and what it says."""
+    from export.load import load_llava, resolve_model
+
+    if out is not None:
+        _check_out(out, force)
+    log(f"[1/{STEPS}] resolving {model}")
+    resolved = resolve_model(model)
+    out = out or default_bundle_dir(resolved.spec.alias)
+    _check_out(out, force)
+    log(f"[2/{STEPS}] loading {resolved.path}")
+    hf_model = load_llava(resolved.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        manifest, table = _build(hf_model, resolved, staging, opset, int8, validate)
+        _install(staging, out, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out, manifest, table)
+
+
+def _build(hf_model, resolved, staging: Path, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
+    from export.manifest import build_manifest, graph_io
+    from export.onnx_export import export_projector, export_vision, quantize_int8
+    from export.validate import format_table, int8_report, validate_export
+    from export.vision import Projector, VisionTowerWithAttention, feature_layer_index
+
+    vc = hf_model.config.vision_config
+    f = feature_layer_index(hf_model.config.vision_feature_layer, vc.num_hidden_layers)
+    log(f"[3/{STEPS}] exporting vision.onnx (blocks 1..{f} of {vc.num_hidden_layers}) and projector.onnx")
+    vision_files = export_vision(VisionTowerWithAttention(hf_model.model.vision_tower, f).eval(),
+                                 staging / "vision.onnx", vc.image_size, opset)
+    export_projector(Projector(hf_model.model.multi_modal_projector).eval(), staging / "projector.onnx",
+                     vc.hidden_size, opset)
+    files: dict[str, str | None] = {"vision": "vision.onnx", "projector": "projector.onnx"}
+    files.update({f"vision_data_{i}": p.name for i, p in enumerate(vision_files) if p.name != "vision.onnx"})
+    validation: dict[str, Any] = {"performed": validate, "checks": []}
+    table = ""
+    if validate:
+        log(f"[4/{STEPS}] validating onnxruntime against PyTorch")
+        checks = validate_export(hf_model, staging / "vision.onnx", staging / "projector.onnx", f, vc.image_size)
+        table = format_table(checks)
+        validation["checks"] = [c.to_json() for c in checks]
+        if not all(c.ok for c in checks):
+            print(table)
+            failed = sorted({f"{c.graph}.{c.output}" for c in checks if not c.ok})
+            raise ValidationFailed(f"validation failed for {', '.join(failed)}; nothing was written")
+    else:
+        log(f"[4/{STEPS}] validation skipped (--no-validate)")
+    if int8:
+        log("       quantising vision.int8.onnx (dynamic int8)")
+        quantize_int8(staging / "vision.onnx", staging / "vision.int8.onnx")
+        files["vision_int8"] = "vision.int8.onnx"
+        validation["int8"] = int8_report(staging / "vision.onnx", staging / "vision.int8.onnx", vc.image_size)
+    io = {"vision": graph_io(staging / "vision.onnx"), "projector": graph_io(staging / "projector.onnx")}
+    return build_manifest(resolved, hf_model, f, opset, files, io, validation), table
+
+
+def _install(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Move the staged files into ``out``; keep an existing language-model section."""
+    log(f"[5/{STEPS}] writing {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / MANIFEST
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text(encoding="utf-8"))
+        except ValueError:
+            old = {}
+        if isinstance(old, dict) and "llm" in old:
+            manifest["llm"] = old["llm"]
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    write_json_atomic(out / MANIFEST, manifest)  # last: a bundle is complete once it has a manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m export.clip", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint directory")
+    parser.add_argument("--out", type=Path, default=None, help="bundle directory (default: models/<alias>/)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    parser.add_argument("--int8", action="store_true", help="also write vision.int8.onnx (default: off)")
+    parser.add_argument("--no-validate", dest="validate", action="store_false",
+                        help="skip the onnxruntime-vs-PyTorch validation (default: validate)")
+    parser.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        result = export_clip(args.model, args.out, args.opset, args.int8, args.validate, args.force)
+        if result.table:
+            print(result.table)
+        int8 = result.manifest["validation"].get("int8")
+        if int8:
+            print(f"int8: feature cosine {int8['feature_cosine']:.4f}, "
+                  f"top-{int8['top_k']} CLS overlap {int8['cls_topk_overlap']}/{int8['top_k']}")
+        print(f"bundle written to {result.out}")
+        return 0
+
+    return run_cli(body, "export.clip")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

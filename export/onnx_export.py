@@ -1,0 +1,66 @@
+"""Trace the wrapped vision tower and the projector to ONNX with ``torch.onnx.export``.
+
+We call the exporter directly (dynamo-based, ``torch.export`` + onnxscript) rather than
+optimum: optimum-onnx 0.1.0 requires transformers<4.58, and our wrappers are plain modules.
+The example batch is 2 so that the batch axis stays dynamic (a batch-1 example specialises it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EXAMPLE_BATCH = 2  # a batch-1 example silently produces a static batch axis
+EXAMPLE_TOKENS = 7  # projector example length; K is dynamic
+SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which ONNX needs external data (2 GB cap)
+
+
+def _weights_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int,
+            input_names: list[str], output_names: list[str], dynamic_shapes: dict) -> list[Path]:
+    """Export ``module`` to ``path``; returns the files written (model and external data)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, input_names=input_names,
+            output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
+        )
+        external = _weights_bytes(module) > SINGLE_FILE_LIMIT
+        program.save(str(path), external_data=external)
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def export_vision(wrapper: nn.Module, path: Path, image_size: int, opset: int) -> list[Path]:
+    """``pixel_values [B,3,S,S] -> features [B,N,D], cls_attn [B,f,H,N], keys [B,N,D/H]``."""
+    example = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return _export(wrapper, (example,), path, opset, ["pixel_values"], ["features", "cls_attn", "keys"],
+                   {"pixel_values": {0: batch}})
+
+
+def export_projector(projector: nn.Module, path: Path, in_dim: int, opset: int) -> list[Path]:
+    """``features [B,K,D] -> embeddings [B,K,E]`` with dynamic B and K."""
+    example = torch.randn(EXAMPLE_BATCH, EXAMPLE_TOKENS, in_dim, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    tokens = torch.export.Dim("tokens", min=1, max=65536)
+    return _export(projector, (example,), path, opset, ["features"], ["embeddings"],
+                   {"features": {0: batch, 1: tokens}})
+
+
+def quantize_int8(source: Path, target: Path) -> Path:
+    """onnxruntime dynamic quantisation (int8 weights of MatMul/Gemm) of the vision graph."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    external = any(p.name != source.name for p in source.parent.iterdir() if p.name.startswith(source.name))
+    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
+    return target

@@ -1,0 +1,153 @@
+"""Validate exported ONNX files against the Hugging Face model itself.
+
+References come from the HF module's own outputs (``output_attentions``/``output_hidden_states``),
+not from our wrapper, so a wrapper bug cannot validate itself. Order of checks per output:
+names, then shapes, then values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.vision import vision_parts
+
+# (atol, rtol): float32 graphs re-associate sums; 1e-4 absolute is the acceptance bound, the
+# relative part covers CLIP's few large-magnitude activations in real checkpoints.
+TOLERANCES = {
+    "features": (1e-4, 1e-4),
+    "cls_attn": (1e-5, 1e-4),
+    "keys": (1e-4, 1e-4),
+    "embeddings": (1e-4, 1e-4),
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the validation table."""
+
+    graph: str
+    case: str
+    output: str
+    expected_shape: list[int]
+    actual_shape: list[int]
+    max_abs_diff: float | None  # None when names or shapes already failed
+    bound: float
+    ok: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def hf_vision_reference(model, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
+    """The three encoder outputs computed from the HF tower's own outputs.
+
+    ``features [B,N,D]`` = hidden_states[f][:, 1:]; ``cls_attn [B,f,H,N]`` = attentions[l-1][:, :, 0, 1:];
+    ``keys [B,N,D/H]`` = head mean of block f's k_proj on layer_norm1(hidden_states[f-1]).
+    """
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+        check_outputs(out, feature_layer)
+        block = vision_parts(tower).layers[feature_layer - 1]
+        keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[feature_layer - 1]))
+        b, t, _ = keys.shape
+        keys = keys.view(b, t, block.self_attn.num_heads, block.self_attn.head_dim).mean(2)
+        cls = torch.stack([out.attentions[i][:, :, 0, 1:] for i in range(feature_layer)], dim=1)
+        return {
+            "features": out.hidden_states[feature_layer][:, 1:].numpy(),
+            "cls_attn": cls.numpy(),
+            "keys": keys[:, 1:].numpy(),
+        }
+
+
+def check_outputs(out, feature_layer: int) -> None:
+    """Fail loudly when the installed transformers stops returning attentions/hidden states."""
+    attentions, hidden = getattr(out, "attentions", None), getattr(out, "hidden_states", None)
+    if not attentions or not hidden or len(attentions) < feature_layer or len(hidden) <= feature_layer:
+        raise RuntimeError(
+            "the installed transformers did not return CLIP attentions/hidden states "
+            f"(got {0 if not attentions else len(attentions)} attentions, "
+            f"{0 if not hidden else len(hidden)} hidden states; need {feature_layer} and {feature_layer + 1}); "
+            "use the pinned transformers range from pyproject.toml"
+        )
+
+
+def compare(graph: str, case: str, expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> list[Check]:
+    """Names, then shapes, then values of every expected output."""
+    checks = []
+    for name, ref in expected.items():
+        atol, rtol = TOLERANCES[name]
+        bound = atol + rtol * float(np.abs(ref).max())
+        got = actual.get(name)
+        if got is None or got.shape != ref.shape:
+            shape = [] if got is None else list(got.shape)
+            checks.append(Check(graph, case, name, list(ref.shape), shape, None, bound, False))
+            continue
+        diff = float(np.abs(got.astype(np.float64) - ref).max())
+        checks.append(Check(graph, case, name, list(ref.shape), list(got.shape), diff, bound, diff <= bound))
+    return checks
+
+
+def validation_inputs(image_size: int) -> dict[str, np.ndarray]:
+    """A few pixel batches: seeded noise at B=1 and B=3 and a smooth pattern (normalised range)."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:image_size, 0:image_size] / image_size
+    pattern = np.stack([np.sin(6 * xs), np.cos(4 * ys), xs * ys - 0.5])[None] * 1.5
+    return {
+        "noise-b1": rng.standard_normal((1, 3, image_size, image_size)).astype(np.float32),
+        "noise-b3": rng.standard_normal((3, 3, image_size, image_size)).astype(np.float32),
+        "pattern-b1": pattern.astype(np.float32),
+    }
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX file with onnxruntime at basic graph optimisation (CPU)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def validate_export(model, vision_path: Path, projector_path: Path, feature_layer: int,
+                    image_size: int) -> list[Check]:
+    """Every output of both graphs against HF on :func:`validation_inputs`."""
+    checks: list[Check] = []
+    for case, pixels in validation_inputs(image_size).items():
+        expected = hf_vision_reference(model, torch.from_numpy(pixels), feature_layer)
+        actual = run_onnx(vision_path, {"pixel_values": pixels})
+        checks += compare("vision", case, expected, actual)
+        with torch.no_grad():
+            ref = model.model.multi_modal_projector(torch.from_numpy(expected["features"])).numpy()
+        got = run_onnx(projector_path, {"features": expected["features"]})
+        checks += compare("projector", case, {"embeddings": ref}, got)
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    """The ✓/✗ table printed after export."""
+    lines = [f"{'':2}{'graph':10}{'input':12}{'output':12}{'shape':22}{'max |Δ|':>12}{'tolerance':>12}"]
+    for c in checks:
+        diff = "—" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e}"
+        shape = "x".join(map(str, c.actual_shape)) or "missing"
+        lines.append(f"{'✓' if c.ok else '✗':2}{c.graph:10}{c.case:12}{c.output:12}{shape:22}{diff:>12}{c.bound:>12.2e}")
+    return "\n".join(lines)
+
+
+def int8_report(fp32_path: Path, int8_path: Path, image_size: int, top: int = 64) -> dict[str, float]:
+    """Mean per-token cosine of int8 vs fp32 features, and top-``top`` overlap of S^f."""
+    pixels = validation_inputs(image_size)["pattern-b1"]
+    ref, got = run_onnx(fp32_path, {"pixel_values": pixels}), run_onnx(int8_path, {"pixel_values": pixels})
+    a, b = ref["features"][0].astype(np.float64), got["features"][0].astype(np.float64)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    k = min(top, a.shape[0])
+    top_ref = np.argsort(-ref["cls_attn"][0, -1].mean(0), kind="stable")[:k]
+    top_got = np.argsort(-got["cls_attn"][0, -1].mean(0), kind="stable")[:k]
+    return {"feature_cosine": float(cos.mean()), "top_k": k,
+            "cls_topk_overlap": int(len(np.intersect1d(top_ref, top_got)))}

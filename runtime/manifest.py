@@ -1,0 +1,86 @@
+"""The bundle manifest (``manifest.json``): what ``export.clip``/``export.llm`` wrote.
+
+The runtime reads only manifests of :data:`SCHEMA`; anything else is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BundleError
+from runtime.registry import PruningDefaults
+
+SCHEMA = "entroprune.bundle/1"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """Geometry of the exported encoder."""
+
+    num_layers: int  # L: blocks of the CLIP tower
+    feature_layer: int  # f: the graph ends here (1..L)
+    heads: int  # H
+    hidden_size: int  # D
+    head_dim: int  # D / H
+    patch_size: int
+    image_size: int  # S: the encoder's input side
+    grid: int  # patches per side
+    num_patches: int  # N = grid²
+    projector_dim: int  # E: the projector's (and the language model's) width
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, checked manifest; ``root`` is the bundle directory."""
+
+    root: Path
+    vision: VisionInfo
+    preprocess: dict[str, Any]  # keyword arguments of runtime.preprocess.PreprocessConfig
+    pruning: PruningDefaults
+    entropyprune_layer: int  # P (method.md §2)
+    chat_template: str
+    files: dict[str, str]  # role -> file name in the bundle
+    llm: dict[str, Any] | None  # written by export.llm; None before it ran
+    data: dict[str, Any]  # the whole JSON, for reporting
+
+    def path(self, role: str) -> Path:
+        """The bundle file for ``role`` (``vision``, ``vision_int8``, ``projector``)."""
+        name = self.files.get(role)
+        if not name:
+            raise BundleError(f"bundle {self.root} has no {role} file (re-run the export)")
+        return self.root / name
+
+
+def load_manifest(bundle: str | Path) -> Manifest:
+    """Read and check ``bundle/manifest.json`` and that the files it names exist."""
+    root = Path(bundle).expanduser()
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"no bundle directory at {root} (run: python -m export.clip --model ALIAS --out {root})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{root} has no {MANIFEST}; is it a bundle written by export.clip?") from None
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {path}: {err}") from None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise BundleError(f"{path} has schema {schema!r}; this runtime reads {SCHEMA!r} (re-export the bundle)")
+    try:
+        manifest = Manifest(
+            root=root, vision=VisionInfo(**data["vision"]), preprocess=dict(data["preprocess"]),
+            pruning=PruningDefaults.from_json(data["pruning"]),
+            entropyprune_layer=int(data["entropyprune_layer"]), chat_template=data["chat_template"],
+            files={k: v for k, v in data["files"].items() if isinstance(v, str)},
+            llm=data.get("llm"), data=data,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{path} is incomplete or malformed ({type(err).__name__}: {err})") from None
+    for role, name in manifest.files.items():
+        if not (root / name).is_file():
+            raise BundleError(f"bundle {root} is missing {name} ({role}); re-run the export")
+    return manifest

@@ -1,0 +1,146 @@
+"""One object from image to pruned LLM embeddings: preprocess → encode → prune → project.
+
+Strategies come from the registry by name; the pipeline never names one. Defaults of the
+entropy method come from the bundle's manifest (``pruning``) unless the caller overrides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.encoder import Encoder
+from runtime.errors import InputError
+from runtime.manifest import Manifest, load_manifest
+from runtime.preprocess import PreprocessConfig, load_image, preprocess
+from runtime.projector import Projector
+from runtime.scoring import layer_distributions, layer_entropy, layer_kl
+from runtime.strategies.registry import get_strategy
+from runtime.types import EncoderOutput, ProbeOutput, PruneInputs, Selection
+
+ProbeFn = Callable[[np.ndarray], ProbeOutput]
+
+
+@dataclass(frozen=True)
+class PrunedImage:
+    """The result for one image: K embedding rows for the language model and how they were chosen."""
+
+    embeddings: np.ndarray  # [K, E] float32, in the order they are fed to the LLM
+    kept: np.ndarray  # [K] int64 patch index of each row
+    counts: np.ndarray  # [K] int64 patches each row stands for
+    strategy: str
+    num_patches: int  # N
+    report: Mapping[str, Any]  # layers, entropy, kl, k_s, k_d, ... (JSON-serialisable)
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.kept.shape[0])
+
+
+class _Timer:
+    """Accumulates wall time per stage in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + 1000 * (time.perf_counter() - start)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            with self.stage(name):
+                return fn(*args, **kwargs)
+
+        return timed
+
+
+class Pipeline:
+    """``Pipeline(bundle).prune(image, tokens=64, strategy="entropy") -> PrunedImage``."""
+
+    def __init__(self, bundle: str | Path | Manifest, provider: str | None = None,
+                 threads: int | None = None, int8: bool = False) -> None:
+        self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
+        self.preprocess_config = PreprocessConfig(**self.manifest.preprocess)
+        vision = self.manifest.path("vision_int8" if int8 else "vision")
+        self.encoder = Encoder(vision, provider, threads)
+        self.projector = Projector(self.manifest.path("projector"), provider, threads)
+
+    @property
+    def num_patches(self) -> int:
+        return self.manifest.vision.num_patches
+
+    def options_for(self, strategy: str, overrides: Mapping[str, Any]) -> Any:
+        """The strategy's options: manifest defaults for fields it has, then the overrides."""
+        chosen = get_strategy(strategy)
+        fields = {f.name for f in dataclasses.fields(chosen.options)}
+        defaults = {k: (tuple(v) if isinstance(v, list) else v)
+                    for k, v in self.manifest.pruning.to_json().items() if k in fields}
+        return chosen.make_options(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def pixel_values(self, image: Image.Image | str | Path) -> np.ndarray:
+        """``[3, S, S]`` float32 for an image or a path to one."""
+        if not isinstance(image, Image.Image):
+            image = load_image(image)
+        return preprocess(image, self.preprocess_config)
+
+    def prune(self, image: Image.Image | str | Path, tokens: int = 64, strategy: str = "entropy",
+              probe: ProbeFn | None = None, **options: Any) -> PrunedImage:
+        """Run every stage on one image; ``options`` are the strategy's keyword options."""
+        timer = _Timer()
+        with timer.stage("preprocess"):
+            pixels = self.pixel_values(image)
+        with timer.stage("encode"):
+            encoded = self.encoder.encode(pixels)
+        return self.prune_encoded(encoded, tokens, strategy, probe, timer=timer, **options)
+
+    def prune_encoded(self, encoded: EncoderOutput, tokens: int, strategy: str = "entropy",
+                      probe: ProbeFn | None = None, timer: _Timer | None = None, **options: Any) -> PrunedImage:
+        """Prune and project an already encoded image."""
+        timer = timer or _Timer()
+        chosen = get_strategy(strategy)
+        budget = self.check_budget(tokens if strategy != "none" else encoded.num_patches)
+        opts = self.options_for(strategy, options)
+        if chosen.needs_probe and probe is None:
+            raise InputError(f"strategy {strategy!r} needs the language model (run export.llm, then use runtime.chat "
+                             "or pass --gguf)")
+        inputs = PruneInputs(encoded, timer.wrap("project_all", self.projector),
+                             timer.wrap("probe", probe) if probe else None)
+        with timer.stage("prune"):
+            selection = chosen.run(inputs, budget, opts)
+        # nested stages ran inside "prune": report them separately, not twice
+        timer.ms["prune"] -= timer.ms.get("project_all", 0.0) + timer.ms.get("probe", 0.0)
+        with timer.stage("project"):
+            embeddings = self.projector(selection.tokens)
+        return PrunedImage(embeddings, selection.kept, selection.counts, strategy, encoded.num_patches,
+                           _with_curves(selection, encoded), dict(timer.ms))
+
+    def check_budget(self, tokens: int) -> int:
+        """``1 <= K <= N`` or a one-line InputError."""
+        if not 1 <= tokens <= self.num_patches:
+            raise InputError(f"--tokens must be in 1..{self.num_patches} (the image has {self.num_patches} patches), "
+                             f"got {tokens}")
+        return tokens
+
+
+def _with_curves(selection: Selection, encoded: EncoderOutput) -> dict[str, Any]:
+    """The strategy's report plus H(l)/KL(l) curves when the strategy did not compute them."""
+    report = dict(selection.report)
+    if "entropy" not in report or "kl" not in report:
+        dist = layer_distributions(encoded.cls_attn)
+        report.setdefault("entropy", [float(h) for h in layer_entropy(dist)])
+        report.setdefault("kl", [float(k) for k in layer_kl(dist)])
+    return report

@@ -1,0 +1,109 @@
+"""``python -m runtime.prune IMAGE --model DIR``: prune one image's visual tokens and report.
+
+Prints a human summary, or with ``--json`` exactly one JSON object on stdout; ``--save`` writes
+the embeddings and indices to an ``.npz`` (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.atomic import write_atomic
+from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
+from runtime.pipeline import Pipeline, PrunedImage
+from runtime.preprocess import load_image
+from runtime.registry import bundle_path
+from runtime.session import available_providers
+from runtime.strategies.registry import available
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Bundle, strategy and method flags shared by ``runtime.prune`` and ``runtime.chat``."""
+    parser.add_argument("--model", required=True, help="bundle directory written by export.clip (or a registry alias)")
+    parser.add_argument("--tokens", type=int, default=64, help="visual tokens to keep, K (default: 64)")
+    parser.add_argument("--strategy", default="entropy", help=f"one of {', '.join(available())} (default: entropy)")
+    parser.add_argument("--rule", default=None, help="entropy layer rule: max-min, max-max, min-min, min-max, fixed "
+                        "(default: the bundle's, max-min)")
+    parser.add_argument("--shallow", type=layer_range, default=None, help="shallow layer range, e.g. 6-8 (default: bundle's)")
+    parser.add_argument("--deep", type=layer_range, default=None, help="deep layer range, e.g. 20-21 (default: bundle's)")
+    parser.add_argument("--fixed", type=layer_pair, default=None, help="layers for --rule fixed, e.g. 6,20")
+    parser.add_argument("--p-shallow", type=float, default=None, help="share of K from the shallow layer (default: 0.4)")
+    parser.add_argument("--merge", default=None, help="mean or none (default: mean)")
+    parser.add_argument("--provider", default=None,
+                        help=f"onnxruntime provider (default: CPU; here: {', '.join(available_providers())})")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--int8", action="store_true", help="use vision.int8.onnx (default: fp32)")
+
+
+def method_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The strategy keyword options given on the command line (None = not given)."""
+    return {"rule": args.rule, "shallow": args.shallow, "deep": args.deep, "fixed": args.fixed,
+            "p_shallow": args.p_shallow, "merge": args.merge}
+
+
+def result_json(result: PrunedImage) -> dict[str, Any]:
+    """The ``--json`` object."""
+    report = dict(result.report)
+    return {
+        "strategy": result.strategy,
+        "tokens": result.tokens,
+        "num_patches": result.num_patches,
+        "kept": [int(i) for i in result.kept],
+        "counts": [int(c) for c in result.counts],
+        "layers": report.pop("layers", None),
+        "entropy": report.pop("entropy"),
+        "kl": report.pop("kl"),
+        **report,
+        "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+    }
+
+
+def summary(result: PrunedImage) -> str:
+    """A few human-readable lines."""
+    lines = [f"strategy {result.strategy}: kept {result.tokens}/{result.num_patches} tokens "
+             f"-> embeddings {result.embeddings.shape[0]}x{result.embeddings.shape[1]}"]
+    layers = result.report.get("layers")
+    if layers:
+        lines.append(f"layers: shallow L{layers['shallow']}, deep L{layers['deep']} "
+                     f"(k_s={result.report.get('k_s')}, k_d={result.report.get('k_d')})")
+    entropy = result.report["entropy"]
+    lines.append("H(l): " + " ".join(f"{h:.2f}" for h in entropy))
+    lines.append(f"merged members per kept token: max {int(result.counts.max())}, mean {result.counts.mean():.2f}")
+    lines.append("timings: " + ", ".join(f"{k} {v:.1f} ms" for k, v in result.timings_ms.items()))
+    return "\n".join(lines)
+
+
+def save_npz(path: Path, result: PrunedImage) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, embeddings=result.embeddings, kept=result.kept, counts=result.counts)
+    write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m runtime.prune", description=__doc__.splitlines()[0])
+    parser.add_argument("image", type=Path, help="image file (any format Pillow reads)")
+    add_pipeline_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
+    parser.add_argument("--save", type=Path, default=None, help="write embeddings and indices to OUT.npz")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        image = load_image(args.image)  # a bad image fails before the sessions load
+        pipeline = Pipeline(bundle_path(args.model), args.provider, args.threads, args.int8)
+        result = pipeline.prune(image, args.tokens, args.strategy, **method_options(args))
+        print(json.dumps(result_json(result)) if args.json else summary(result))
+        if args.save:
+            save_npz(args.save, result)
+        return 0
+
+    return run_cli(body, "runtime.prune")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

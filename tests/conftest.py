@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random LLaVA checkpoint (built once per session) and test photos.
+
+torch and transformers are imported inside the fixtures so that collecting the runtime's
+torch-free tests never imports them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA-1.5-shaped checkpoint (CLIP 24 blocks, N=576, f=23; LLaMA 4 layers)."""
+    from tools.make_tiny_llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_model(tiny_llava_dir: Path) -> Any:
+    """The tiny checkpoint as ``LlavaForConditionalGeneration``: eager attention, eval, float32."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_llava_dir, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_processor(tiny_llava_dir: Path) -> Any:
+    """The tiny checkpoint's ``LlavaProcessor`` (image processor + tokenizer)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint exported by ``export.clip`` (int8 included) into its own directory."""
+    from export.clip import export_clip
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    return export_clip(str(tiny_llava_dir), out=out, int8=True).out
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Image.Image]:
+    """Six scikit-image sample photos as RGB PIL images (greyscale ``camera`` made RGB); don't mutate."""
+    from skimage import data
+
+    out = {}
+    for name in PHOTO_NAMES:
+        pixels = getattr(data, name)()
+        if pixels.ndim == 2:
+            pixels = np.stack([pixels] * 3, axis=-1)
+        out[name] = Image.fromarray(np.ascontiguousarray(pixels[..., :3]), mode="RGB")
+    return out
