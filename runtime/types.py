@@ -52,6 +52,7 @@ class ProbeOutput:
     n_head: int
     n_head_kv: int
     rope_theta: float  # RoPE base (HF rotate-half convention, positions 0..T-1)
+    layer: int | None = None  # P-1: the 0-based decoder layer whose W_q/W_k are given, if known
 
     def __post_init__(self) -> None:
         t, d = self.hidden.shape

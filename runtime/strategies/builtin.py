@@ -1,3 +1,10 @@
 """Imports every built-in strategy module so that each registers itself."""
 
-from runtime.strategies import baselines, entropy  # noqa: F401
+from runtime.strategies import (  # noqa: F401
+    baselines,
+    divprune,
+    entropy,
+    entropyprune,
+    fastv,
+    visionzip,
+)

@@ -1,0 +1,26 @@
+"""The language-model probe as the probe-based strategies (entropyprune, fastv) use it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.types import ProbeOutput, PruneInputs
+
+
+def run_probe(name: str, inputs: PruneInputs) -> ProbeOutput:
+    """Project all N features to ``[N, E]`` embeddings and run the language-model probe on them."""
+    if inputs.probe is None:
+        raise InputError(f"strategy {name!r} needs the language model probe (run export.llm)")
+    probe = inputs.probe(inputs.project(inputs.encoded.features))
+    n = inputs.encoded.num_patches
+    if probe.num_image != n:
+        raise ValueError(f"probe returned {probe.num_image} image rows, expected {n}")
+    return probe
+
+
+def score_summary(scores: np.ndarray) -> dict[str, Any]:
+    """JSON-friendly min / max / mean of a score vector ``[N]``."""
+    return {"min": float(scores.min()), "max": float(scores.max()), "mean": float(scores.mean())}

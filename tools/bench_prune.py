@@ -1,0 +1,118 @@
+"""Overhead of each pruning strategy as a fraction of the vision encoder's time.
+
+``python tools/bench_prune.py BUNDLE [BUNDLE ...] [--tokens 64 128 192] [--repeats 5] [--images N]``
+
+For every bundle, strategy and budget: median over repeats and images of encode time and of
+the strategy's own work (score + select + merge), plus the extra stages some strategies need
+(``project_all``: DivPrune/EntropyPrune project all N tokens; ``probe``: the language-model
+probe). Prints a markdown table; the target for the paper's method is prune/encode ≤ 1 %.
+Strategies that need the language-model probe run only when the bundle has one (export.llm).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.pipeline import Pipeline
+from runtime.strategies.registry import available, get_strategy
+
+
+def sample_images(count: int) -> list[np.ndarray]:
+    """Real photos from scikit-image when installed, else seeded noise images (H×W×3 uint8)."""
+    try:
+        from skimage import data
+
+        names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]
+        arrays = [getattr(data, n)() for n in names[:count]]
+    except ImportError:
+        rng = np.random.default_rng(0)
+        arrays = [rng.integers(0, 256, (400, 500, 3), dtype=np.uint8) for _ in range(count)]
+    return [np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3] for a in arrays]
+
+
+def probe_for(pipeline: Pipeline):
+    """The language-model probe of the bundle, or None when export.llm has not written one."""
+    from runtime.probe import probe_from_manifest
+
+    return probe_from_manifest(pipeline.manifest)
+
+
+def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, threads: int | None) -> list[dict]:
+    from PIL import Image
+
+    pipeline = Pipeline(bundle, threads=threads)
+    probe = probe_for(pipeline)
+    pixels = [pipeline.pixel_values(Image.fromarray(a)) for a in sample_images(images)]
+    rows = []
+    encodes, encoded = [], []
+    for p in pixels:
+        encoded.append(pipeline.encoder.encode(p))  # warm-up; also the input of every strategy
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pipeline.encoder.encode(p)
+            encodes.append(1000 * (time.perf_counter() - start))
+    encode_ms = statistics.median(encodes)
+    for name in available():
+        if get_strategy(name).needs_probe and probe is None:
+            rows.append({"bundle": bundle.name, "strategy": name, "tokens": "-", "note": "needs export.llm probe"})
+            continue
+        for k in ([pipeline.num_patches] if name == "none" else budgets):
+            timings: dict[str, list[float]] = {}
+            for enc in encoded:
+                for _ in range(repeats):
+                    out = pipeline.prune_encoded(enc, k, name, probe=probe)
+                    for stage, ms in out.timings_ms.items():
+                        timings.setdefault(stage, []).append(ms)
+            med = {stage: statistics.median(v) for stage, v in timings.items()}
+            extra = med.get("project_all", 0.0) + med.get("probe", 0.0)
+            rows.append({"bundle": bundle.name, "strategy": name, "tokens": k, "encode_ms": encode_ms,
+                         "prune_ms": med["prune"], "project_all_ms": med.get("project_all", 0.0),
+                         "probe_ms": med.get("probe", 0.0), "prune_pct": 100 * med["prune"] / encode_ms,
+                         "total_pct": 100 * (med["prune"] + extra) / encode_ms, "note": ""})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| bundle | strategy | K | encode ms | prune ms | prune / encode | project-all ms | probe ms "
+            "| all extra / encode | note |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        if "encode_ms" not in r:
+            lines.append(f"| {r['bundle']} | {r['strategy']} | - | | | | | | | {r['note']} |")
+            continue
+        lines.append(
+            f"| {r['bundle']} | {r['strategy']} | {r['tokens']} | {r['encode_ms']:.1f} | {r['prune_ms']:.2f} "
+            f"| {r['prune_pct']:.2f} % | {r['project_all_ms']:.2f} | {r['probe_ms']:.2f} | {r['total_pct']:.2f} % "
+            f"| {r['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="tools/bench_prune.py", description=__doc__.splitlines()[0])
+    parser.add_argument("bundles", nargs="+", type=Path, help="bundle directories written by export.clip")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 192], help="budgets (default: 64 128 192)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per image (default: 5)")
+    parser.add_argument("--images", type=int, default=3, help="photos to average over (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        rows = []
+        for bundle in args.bundles:
+            log(f"benchmarking {bundle}")
+            rows += bench_bundle(bundle, args.tokens, args.repeats, args.images, args.threads)
+        print(markdown(rows))
+        return 0
+
+    return run_cli(body, "bench_prune")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
