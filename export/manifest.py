@@ -36,7 +36,8 @@ def graph_io(path: Path) -> dict[str, list[dict[str, Any]]]:
         for value in values:
             tensor = value.type.tensor_type
             shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-            rows.append({"name": value.name, "shape": shape, "dtype": _ONNX_TYPES.get(tensor.elem_type, str(tensor.elem_type))})
+            dtype = _ONNX_TYPES.get(tensor.elem_type, str(tensor.elem_type))
+            rows.append({"name": value.name, "shape": shape, "dtype": dtype})
         return rows
 
     return {"inputs": describe(graph.input), "outputs": describe(graph.output)}

@@ -8,6 +8,7 @@ The example batch is 2 so that the batch axis stays dynamic (a batch-1 example s
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -24,10 +25,22 @@ def _weights_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence a library logger (the exporter warns about optional torchvision ops)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int,
             input_names: list[str], output_names: list[str], dynamic_shapes: dict) -> list[Path]:
     """Export ``module`` to ``path``; returns the files written (model and external data)."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), _quiet("torch.onnx"):
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=UserWarning)
         program = torch.onnx.export(

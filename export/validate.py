@@ -136,7 +136,8 @@ def format_table(checks: list[Check]) -> str:
     for c in checks:
         diff = "—" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e}"
         shape = "x".join(map(str, c.actual_shape)) or "missing"
-        lines.append(f"{'✓' if c.ok else '✗':2}{c.graph:10}{c.case:12}{c.output:12}{shape:22}{diff:>12}{c.bound:>12.2e}")
+        mark = "✓" if c.ok else "✗"
+        lines.append(f"{mark:2}{c.graph:10}{c.case:12}{c.output:12}{shape:22}{diff:>12}{c.bound:>12.2e}")
     return "\n".join(lines)
 
 

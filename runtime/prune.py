@@ -25,15 +25,20 @@ from runtime.strategies.registry import available
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Bundle, strategy and method flags shared by ``runtime.prune`` and ``runtime.chat``."""
-    parser.add_argument("--model", required=True, help="bundle directory written by export.clip (or a registry alias)")
+    parser.add_argument("--model", required=True,
+                        help="bundle directory written by export.clip (or a registry alias)")
     parser.add_argument("--tokens", type=int, default=64, help="visual tokens to keep, K (default: 64)")
-    parser.add_argument("--strategy", default="entropy", help=f"one of {', '.join(available())} (default: entropy)")
+    parser.add_argument("--strategy", default="entropy",
+                        help=f"one of {', '.join(available())} (default: entropy)")
     parser.add_argument("--rule", default=None, help="entropy layer rule: max-min, max-max, min-min, min-max, fixed "
                         "(default: the bundle's, max-min)")
-    parser.add_argument("--shallow", type=layer_range, default=None, help="shallow layer range, e.g. 6-8 (default: bundle's)")
-    parser.add_argument("--deep", type=layer_range, default=None, help="deep layer range, e.g. 20-21 (default: bundle's)")
+    parser.add_argument("--shallow", type=layer_range, default=None,
+                        help="shallow layer range, e.g. 6-8 (default: bundle's)")
+    parser.add_argument("--deep", type=layer_range, default=None,
+                        help="deep layer range, e.g. 20-21 (default: bundle's)")
     parser.add_argument("--fixed", type=layer_pair, default=None, help="layers for --rule fixed, e.g. 6,20")
-    parser.add_argument("--p-shallow", type=float, default=None, help="share of K from the shallow layer (default: 0.4)")
+    parser.add_argument("--p-shallow", type=float, default=None,
+                        help="share of K from the shallow layer (default: 0.4)")
     parser.add_argument("--merge", default=None, help="mean or none (default: mean)")
     parser.add_argument("--provider", default=None,
                         help=f"onnxruntime provider (default: CPU; here: {', '.join(available_providers())})")

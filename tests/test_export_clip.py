@@ -36,7 +36,9 @@ def test_vision_onnx_equals_hf(tiny_bundle: Path, tiny_llava_model, pixels, case
 
 
 @pytest.mark.parametrize("wrong_layer", [F - 1, F + 1])
-def test_negative_control_neighbouring_block_fails(tiny_bundle: Path, tiny_llava_model, pixels, wrong_layer: int) -> None:
+def test_negative_control_neighbouring_block_fails(
+    tiny_bundle: Path, tiny_llava_model, pixels, wrong_layer: int
+) -> None:
     """The features of block f±1 must not pass the same check (the test can fail)."""
     with torch.no_grad():
         out = tiny_llava_model.model.vision_tower(torch.from_numpy(pixels["b1"]), output_hidden_states=True)
@@ -77,7 +79,8 @@ def test_graph_has_no_square_map_and_ends_at_block_f(tiny_bundle: Path) -> None:
         assert dims.count(n) + dims.count(n + 1) <= 1, f"{output.name} looks like an N×N map: {dims}"
     assert [o.name for o in model.graph.output] == ["features", "cls_attn", "keys"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param, "batch axis must be dynamic"
-    blocks = {int(name.split(".")[1]) for name in (i.name for i in model.graph.initializer) if name.startswith("blocks.")}
+    names = [i.name for i in model.graph.initializer]
+    blocks = {int(name.split(".")[1]) for name in names if name.startswith("blocks.")}
     assert blocks == set(range(F)), f"graph must hold blocks 0..{F - 1} only, found {sorted(blocks)}"
     softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
     assert len(softmaxes) == F
