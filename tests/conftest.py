@@ -6,12 +6,16 @@ torch-free tests never imports them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
 
@@ -46,16 +50,17 @@ def tiny_llava_processor(tiny_llava_dir: Path) -> Any:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported by ``export.clip`` (int8 included) into its own directory."""
-    from export.clip import export_clip
+    """The tiny checkpoint exported by the CLI ``python -m export.clip ... --int8`` (validated)."""
+    from export.clip import main
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    return export_clip(str(tiny_llava_dir), out=out, int8=True).out
+    assert main(["--model", str(tiny_llava_dir), "--out", str(out), "--int8"]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
-    """Six scikit-image sample photos as RGB PIL images (greyscale ``camera`` made RGB); don't mutate."""
+    """Six scikit-image photos as RGB PIL images (grey ``camera`` made RGB); don't mutate."""
     from skimage import data
 
     out = {}

@@ -1,0 +1,268 @@
+"""PyTorch reference of the vision-side selection (method.md §1 and §3), pure tensor functions.
+
+Independent of ``runtime/`` by design: this is the check the NumPy runtime is compared with.
+Scores, distributions and cosines are computed in float64; merged features are accumulated in
+float64 and returned in the features' dtype; indices are int64. Every ranking breaks ties by the
+smaller index (stable sorts; ``argmax`` returns the first maximum).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from runtime.errors import InputError
+
+RULES = ("max-min", "max-max", "min-min", "min-max", "fixed")
+KL_FLOOR = 1e-12  # method.md §1.2: both distributions clipped below before the log
+NORM_FLOOR = 1e-6  # method.md §1.6: vector norms clipped below before a cosine
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The two layers of the dual-layer selection, numbered 1..f."""
+
+    l_s: int  # shallow layer
+    l_d: int  # deep layer
+
+
+@dataclass(frozen=True)
+class BudgetSplit:
+    """Tokens taken by the shallow and the deep layer; ``k_s + k_d = K``."""
+
+    k_s: int
+    k_d: int
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """Selected tokens in the order they are fed to the projector."""
+
+    kept: Tensor  # [K] int64 patch index of each output token
+    tokens: Tensor  # [K, D] features (merged where a strategy merges)
+    counts: Tensor  # [K] int64 patches each token stands for
+
+
+def _check(t: Tensor, ndim: int, what: str) -> None:
+    if t.ndim != ndim:
+        raise ValueError(f"{what} must have {ndim} dims, got shape {tuple(t.shape)}")
+
+
+def _check_budget(budget: int, n: int) -> None:
+    if not 1 <= budget <= n:
+        raise InputError(f"budget K must satisfy 1 <= K <= N={n}, got {budget}")
+
+
+def head_mean_distribution(cls_attn: Tensor) -> Tensor:
+    """[f, H, N] [CLS]->patch rows -> [f, N] float64 head means renormalised to sum 1 per layer.
+
+    Example: rows [[[0.2, 0.2], [0.4, 0.0]]] (f=1, H=2, N=2) -> [[0.75, 0.25]].
+    """
+    _check(cls_attn, 3, "cls_attn [f, H, N]")
+    mean = cls_attn.to(torch.float64).mean(dim=1)
+    return mean / mean.sum(dim=-1, keepdim=True)
+
+
+def attention_entropy(dist: Tensor) -> Tensor:
+    """[f, N] distributions -> [f] float64 entropies -Σ p ln p (0 ln 0 = 0).
+
+    Example: [[0.5, 0.5, 0.0]] -> [ln 2].
+    """
+    _check(dist, 2, "dist [f, N]")
+    return -torch.xlogy(dist, dist).sum(dim=-1)
+
+
+def attention_kl(dist: Tensor) -> Tensor:
+    """[f, N] distributions -> [f-1] float64 KL(S^l || S^{l+1}), both clipped at 1e-12 in the log.
+
+    The weight ``S^l_j`` in front of the log is not clipped (0 ln(..) = 0 for empty patches).
+    Example: [[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]] -> [0, 0.5 ln 0.5 + 0.5 ln(0.5/1e-12)].
+    """
+    _check(dist, 2, "dist [f, N]")
+    p, q = dist[:-1], dist[1:]
+    log_ratio = p.clamp_min(KL_FLOOR).log() - q.clamp_min(KL_FLOOR).log()
+    return (p * log_ratio).sum(dim=-1)
+
+
+def _validate_range(name: str, rng: tuple[int, int], f: int) -> None:
+    lo, hi = rng
+    if not 1 <= lo <= hi <= f:
+        raise InputError(
+            f"{name} layer range must satisfy 1 <= lo <= hi <= f={f}, got {tuple(rng)}"
+        )
+
+
+def choose_layers(
+    entropy: Tensor,
+    rule: str,
+    shallow: tuple[int, int],
+    deep: tuple[int, int],
+    fixed: tuple[int, int],
+) -> LayerChoice:
+    """[f] entropies -> the (l_s, l_d) of ``rule`` over the inclusive 1-based ranges.
+
+    Ties go to the smaller layer. Example: H = [3, 1, 2], rule "max-min", shallow (1, 2),
+    deep (2, 3) -> l_s = 1 (H=3), l_d = 2 (H=1).
+    """
+    _check(entropy, 1, "entropy [f]")
+    f = int(entropy.shape[0])
+    if rule not in RULES:
+        raise InputError(f"unknown layer rule {rule!r}; choose one of: {', '.join(RULES)}")
+    if rule == "fixed":
+        for name, layer in zip(("shallow", "deep"), fixed, strict=True):
+            if not 1 <= layer <= f:
+                raise InputError(f"fixed {name} layer must be in 1..f={f}, got {layer}")
+        return LayerChoice(l_s=int(fixed[0]), l_d=int(fixed[1]))
+    _validate_range("shallow", shallow, f)
+    _validate_range("deep", deep, f)
+    shallow_rule, deep_rule = rule.split("-")
+
+    def pick(rng: tuple[int, int], how: str) -> int:
+        window = entropy[rng[0] - 1 : rng[1]]
+        pos = torch.argmax(window) if how == "max" else torch.argmin(window)
+        return int(rng[0] + pos)
+
+    return LayerChoice(l_s=pick(shallow, shallow_rule), l_d=pick(deep, deep_rule))
+
+
+def split_budget(budget: int, p_shallow: float) -> BudgetSplit:
+    """K -> (k_s, k_d) with k_s = floor(p_s·K + 0.5). Example: (64, 0.4) -> (26, 38)."""
+    if not 0.0 <= p_shallow <= 1.0:
+        raise InputError(f"p_shallow must be in [0, 1], got {p_shallow}")
+    k_s = math.floor(p_shallow * budget + 0.5)
+    return BudgetSplit(k_s=k_s, k_d=budget - k_s)
+
+
+def rank_descending(scores: Tensor) -> Tensor:
+    """[N] -> [N] int64 indices by descending score, ties: smaller first. [1, 3, 3] -> [1, 2, 0]."""
+    _check(scores, 1, "scores [N]")
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def dual_layer_select(s_shallow: Tensor, s_deep: Tensor, split: BudgetSplit) -> Tensor:
+    """Top k_d by ``s_deep``, then top k_s by ``s_shallow`` among the rest -> [K] int64 ascending.
+
+    Example: s_deep [0.1, 0.6, 0.3], s_shallow [0.5, 0.4, 0.1], k_s = k_d = 1 -> [0, 1].
+    """
+    if s_shallow.shape != s_deep.shape or s_deep.ndim != 1:
+        raise ValueError(
+            f"scores must both be [N], got {tuple(s_shallow.shape)}, {tuple(s_deep.shape)}"
+        )
+    _check_budget(split.k_s + split.k_d, int(s_deep.shape[0]))
+    deep_kept = rank_descending(s_deep)[: split.k_d]
+    taken = torch.zeros_like(s_deep, dtype=torch.bool)
+    taken[deep_kept] = True
+    order = rank_descending(s_shallow)
+    shallow_kept = order[~taken[order]][: split.k_s]
+    return torch.sort(torch.cat([deep_kept, shallow_kept])).values
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """[M, D], [P, D] -> [M, P] float64 cosines, norms clipped below at 1e-6.
+
+    Example: a [[1, 0]], b [[2, 0], [0, 3]] -> [[1, 0]].
+    """
+    _check(a, 2, "a [M, D]")
+    _check(b, 2, "b [P, D]")
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    a64 = a64 / a64.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
+    b64 = b64 / b64.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
+    return a64 @ b64.T
+
+
+def merge_into_kept(features: Tensor, kept: Tensor) -> TokenSet:
+    """[N, D], [K] ascending -> each removed patch joins its most cosine-similar kept patch;
+    a kept token becomes the plain mean of itself and its members (float64 sums).
+
+    Example: X = [[1, 0], [0, 1], [3, 0]], kept [0, 1] -> tokens [[2, 0], [0, 1]], counts [2, 1].
+    """
+    _check(features, 2, "features [N, D]")
+    n = int(features.shape[0])
+    removed = torch.ones(n, dtype=torch.bool, device=features.device)
+    removed[kept] = False
+    removed_idx = torch.nonzero(removed).flatten()
+    target = torch.argmax(cosine_matrix(features[removed_idx], features[kept]), dim=1)
+    sums = features[kept].to(torch.float64)
+    sums = sums.index_add(0, target, features[removed_idx].to(torch.float64))
+    counts = torch.ones(kept.shape[0], dtype=torch.int64, device=features.device)
+    counts = counts.index_add(0, target, torch.ones_like(target))
+    tokens = (sums / counts[:, None].to(torch.float64)).to(features.dtype)
+    return TokenSet(kept=kept, tokens=tokens, counts=counts)
+
+
+def uniform_indices(n: int, budget: int) -> Tensor:
+    """[K] int64 indices floor((i + 0.5)·N/K), exact integer arithmetic. (8, 2) -> [2, 6]."""
+    _check_budget(budget, n)
+    i = torch.arange(budget, dtype=torch.int64)
+    return ((2 * i + 1) * n) // (2 * budget)
+
+
+def visionzip_contextual(budget: int) -> int:
+    """C = round(5K/32), halves rounded up (decided here): 64 -> 10, 128 -> 20, 16 -> 3."""
+    return (5 * budget + 16) // 32
+
+
+def visionzip_select(features: Tensor, attn_f: Tensor, keys: Tensor, budget: int) -> TokenSet:
+    """VisionZip (method.md §3): K-C dominant patches by head-summed attention, then C contextual.
+
+    features [N, D], attn_f [H, N] (block f), keys [N, D/H]. A target with no members is
+    ``x_target`` itself (VisionZip's clamped count). Output: dominant ascending, then the
+    contextual tokens in target (raster) order; ``kept`` holds their target indices.
+    """
+    _check(attn_f, 2, "attn_f [H, N]")
+    n = int(features.shape[0])
+    if attn_f.shape[1] != n or keys.shape[0] != n:
+        raise ValueError(
+            f"attn_f [H, {n}] and keys [{n}, D/H] expected, got "
+            f"{tuple(attn_f.shape)}, {tuple(keys.shape)}"
+        )
+    _check_budget(budget, n)
+    c = visionzip_contextual(budget)
+    dominant = torch.sort(rank_descending(attn_f.to(torch.float64).sum(0))[: budget - c]).values
+    ones = torch.ones(budget - c, dtype=torch.int64, device=features.device)
+    if c == 0:
+        return TokenSet(kept=dominant, tokens=features[dominant], counts=ones)
+    rest = torch.ones(n, dtype=torch.bool, device=features.device)
+    rest[dominant] = False
+    remaining = torch.nonzero(rest).flatten()
+    is_target = torch.zeros(remaining.shape[0], dtype=torch.bool, device=features.device)
+    is_target[torch.arange(0, remaining.shape[0], max(1, remaining.shape[0] // c))[:c]] = True
+    targets, members = remaining[is_target], remaining[~is_target]
+    assign = torch.argmax(cosine_matrix(keys[members], keys[targets]), dim=1)
+    sums = torch.zeros(c, features.shape[1], dtype=torch.float64, device=features.device)
+    sums = sums.index_add(0, assign, features[members].to(torch.float64))
+    n_members = torch.zeros(c, dtype=torch.int64, device=features.device)
+    n_members = n_members.index_add(0, assign, torch.ones_like(assign))
+    context = features[targets].to(torch.float64) + sums / n_members.clamp_min(1)[:, None]
+    return TokenSet(
+        kept=torch.cat([dominant, targets]),
+        tokens=torch.cat([features[dominant], context.to(features.dtype)]),
+        counts=torch.cat([ones, 1 + n_members]),
+    )
+
+
+def divprune_select(embeddings: Tensor, budget: int) -> Tensor:
+    """DivPrune on [N, E] projected embeddings -> [K] int64 ascending (greedy max-min diversity).
+
+    Distance 1 - cos (norms clipped at 1e-6). First pick: the token whose nearest *other*
+    token is farthest (the diagonal is excluded); then repeatedly the unpicked token farthest
+    from its nearest picked one. Example: E = [[1, 0], [1, 0.1], [0, 1]], K = 2 -> [0, 2].
+    """
+    _check(embeddings, 2, "embeddings [N, E]")
+    n = int(embeddings.shape[0])
+    _check_budget(budget, n)
+    dist = 1.0 - cosine_matrix(embeddings, embeddings)
+    eye = torch.eye(n, dtype=torch.bool, device=embeddings.device)
+    nearest_other = dist.masked_fill(eye, math.inf).min(dim=1).values if n > 1 else dist[:, 0]
+    picked = torch.zeros(n, dtype=torch.bool, device=embeddings.device)
+    first = int(torch.argmax(nearest_other))
+    picked[first] = True
+    to_picked = dist[first].clone()  # distance of every token to its nearest picked token
+    for _ in range(budget - 1):
+        nxt = int(torch.argmax(to_picked.masked_fill(picked, -math.inf)))
+        picked[nxt] = True
+        to_picked = torch.minimum(to_picked, dist[nxt])
+    return torch.nonzero(picked).flatten()
