@@ -1,0 +1,289 @@
+"""Export LLaVA's language model to GGUF for llama.cpp, plus the EntropyPrune probe.
+
+``python -m export.llm --model ALIAS_OR_PATH [--quant q4_k_m|q4_0|q8_0|f16|f32] [--out DIR]
+[--gguf PATH] [--force]``
+
+Runs after ``export.clip`` (which writes ``DIR/manifest.json``): converts the checkpoint's LLaMA
+with our own converter (:mod:`export.gguf_llama`) to f32/f16, builds ``probe.gguf`` and
+``probe_weights.npz`` from that file (so the probe stays f32/f16: f32 when ``--quant f32``, else
+f16), quantises with ``llama_model_quantize`` and records everything under ``manifest["llm"]``.
+``--gguf PATH`` registers an existing llama GGUF instead (its probe is cut from it as stored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import llama_cpp
+
+from export.gguf_llama import atomic_output, read_hparams, write_llama_gguf
+from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
+from runtime.atomic import write_json_atomic
+from runtime.cli import log, run_cli
+from runtime.errors import BundleError, InputError
+from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
+from runtime.manifest import SCHEMA
+from runtime.registry import default_bundle_dir, is_local_path, known_aliases, load_spec
+
+QUANTS = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "f16": 1, "f32": 0}  # llama_ftype values
+PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
+DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
+
+
+@dataclass(frozen=True)
+class LlmExport:
+    """What :func:`export_llm` wrote."""
+
+    out: Path  # the bundle directory
+    entry: dict[str, Any]  # manifest["llm"]
+    table: str  # the validation table (markdown)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """f32/f16 GGUF ``src`` -> ``dst`` in ``quant`` with llama.cpp's ``llama_model_quantize``
+    (``threads=0``: all cores)."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise BundleError(f"llama_model_quantize({src.name} -> {quant}) failed with code {rc}")
+
+
+def _load_manifest(out: Path, model: str) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{out} has no {MANIFEST}; run export.clip first (python -m export.clip --model {model} --out {out})"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read {path}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema", SCHEMA) != SCHEMA:
+        found = manifest.get("schema") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{path} has schema {found!r}, expected {SCHEMA!r}; re-run export.clip")
+    return manifest
+
+
+def _check_width(n_embd: int, manifest: dict[str, Any]) -> None:
+    expected = projector_out_dim(manifest)
+    if expected is None:
+        log("  note: the manifest names no projector width; n_embd check skipped")
+    elif expected != n_embd:
+        raise BundleError(
+            f"the language model has n_embd {n_embd} but the bundle's projector outputs "
+            f"{expected}; export both from the same LLaVA checkpoint"
+        )
+
+
+def _gguf_facts(path: Path) -> dict[str, Any]:
+    """n_embd, n_vocab and file type of a GGUF, read with gguf.GGUFReader."""
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"cannot read GGUF {path}: {err}") from None
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE)
+    arch = arch.contents() if arch is not None else "?"
+    n_embd, tokens = reader.get_field(f"{arch}.embedding_length"), reader.get_field("tokenizer.ggml.tokens")
+    file_type = reader.get_field(gguf.Keys.General.FILE_TYPE)
+    if n_embd is None or tokens is None:
+        raise BundleError(f"{path} lacks {arch}.embedding_length or a tokenizer; not a usable LLM GGUF")
+    quant = gguf.LlamaFileType(int(file_type.contents())).name.lower() if file_type else "unknown"
+    return {
+        "arch": arch,
+        "n_embd": int(n_embd.contents()),
+        "n_vocab": len(tokens.data),
+        "quant": quant.removeprefix("mostly_").removeprefix("all_"),
+    }
+
+
+def _probe(src: Path, out: Path, p: int) -> dict[str, Any]:
+    """Write probe.gguf + probe_weights.npz cut from ``src`` at layer P-1; their manifest entry."""
+    log(f"  probe: blocks 0..{p - 2}, output_norm = blk.{p - 1}.attn_norm")
+    write_probe_gguf(src, out / PROBE_GGUF, p - 1)
+    save_probe_weights(out / PROBE_WEIGHTS, read_probe_weights(src, p - 1))
+    return {
+        "gguf": PROBE_GGUF,
+        "weights": PROBE_WEIGHTS,
+        "entropyprune_layer": p,
+        "layer": p - 1,
+        "dtype": _gguf_facts(out / PROBE_GGUF)["quant"],
+        "sha256": sha256(out / PROBE_GGUF),
+        "weights_sha256": sha256(out / PROBE_WEIGHTS),
+    }
+
+
+def _convert(model_dir: Path, out: Path, quant: str, p: int) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint -> llm-<quant>.gguf (via an f16 intermediate when quantising) and the probe."""
+    target = out / f"llm-{quant}.gguf"
+    if quant in ("f32", "f16"):
+        log(f"[1/3] converting {model_dir} -> {target.name}")
+        write_llama_gguf(model_dir, target, quant, progress=log)
+        return target, _probe(target, out, p)
+    middle = out / f".llm-f16-{os.getpid()}.gguf"
+    try:
+        log(f"[1/3] converting {model_dir} -> f16 intermediate")
+        write_llama_gguf(model_dir, middle, "f16", progress=log)
+        probe = _probe(middle, out, p)
+        log(f"[2/3] quantising -> {target.name}")
+        with atomic_output(target) as tmp:
+            quantize_gguf(middle, tmp, quant)
+    finally:
+        middle.unlink(missing_ok=True)
+    return target, probe
+
+
+def _validate(llm: Path, probe: Path, n_embd: int) -> str:
+    """Load both files in llama.cpp; a markdown table of the checks."""
+    rows = []
+    with LlamaBackend(llm, n_ctx=64) as backend:
+        rows.append(("llm loads in llama.cpp", True, f"n_embd {backend.n_embd}, n_vocab {backend.n_vocab}"))
+        rows.append(("llm n_embd = projector width", backend.n_embd == n_embd, str(n_embd)))
+        ids = backend.tokenize("USER: hello ASSISTANT:")
+    with LlamaBackend(probe, n_ctx=64, embeddings=True) as probe_backend:
+        probe_backend.eval_tokens(ids, output_all=True)
+        shape = probe_backend.hidden_states().shape
+        rows.append(("probe runs (hidden states)", shape == (len(ids), n_embd), str(shape)))
+    failed = [f"{name} ({value})" for name, ok, value in rows if not ok]
+    if failed:
+        raise BundleError(f"export validation failed: {'; '.join(failed)}")
+    lines = ["| check | ok | value |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {name} | ✓ | {value} |" for name, _, value in rows])
+
+
+def _model_facts(model: str, convert: bool) -> tuple[Path | None, int, str]:
+    """Checkpoint dir (only when converting), P and the bundle alias for ``--model``."""
+    if convert:
+        from export.load import resolve_model
+
+        resolved = resolve_model(model)
+        return resolved.path, resolved.spec.entropyprune_layer, resolved.spec.alias
+    if model in known_aliases():
+        return None, load_spec(model).entropyprune_layer, model
+    if not is_local_path(model):
+        load_spec(model)  # one-line "unknown model" listing the aliases
+    return None, DEFAULT_P, Path(model).name
+
+
+def export_llm(
+    model: str,
+    quant: str | None = None,
+    out: Path | None = None,
+    gguf_path: Path | None = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> LlmExport:
+    """Convert (or register ``gguf_path``) into bundle ``out`` and update its manifest["llm"]."""
+    if gguf_path is not None and quant is not None:
+        raise InputError("--quant does not apply with --gguf (the registered file's own type is recorded)")
+    set_llama_logging(verbose)
+    model_dir, p, alias = _model_facts(model, convert=gguf_path is None)
+    out = Path(out) if out is not None else default_bundle_dir(alias)
+    manifest = _load_manifest(out, model)
+    if gguf_path is not None:
+        target, probe, source = _register(Path(gguf_path).expanduser(), out, manifest, p)
+    else:
+        quant = quant or _default_quant(model)
+        if quant not in QUANTS:
+            raise InputError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+        hp = read_hparams(model_dir)
+        _check_width(hp.n_embd, manifest)
+        if not 2 <= p <= hp.n_layer:
+            raise InputError(f"entropyprune_layer P={p} must be in 2..{hp.n_layer} (the probe keeps P-1 >= 1 layers)")
+        existing = out / f"llm-{quant}.gguf"
+        if existing.exists() and not force:
+            raise InputError(f"{existing} exists; pass --force to overwrite it")
+        target, probe = _convert(model_dir, out, quant, p)
+        source = model
+    facts = _gguf_facts(target)
+    log("[3/3] validating in llama.cpp and writing the manifest")
+    table = _validate(target, out / PROBE_GGUF, facts["n_embd"])
+    entry = {
+        "gguf": target.name if target.parent.resolve() == out.resolve() else str(target.resolve()),
+        "quant": facts["quant"],
+        "sha256": sha256(target),
+        "n_embd": facts["n_embd"],
+        "n_vocab": facts["n_vocab"],
+        "source": source,
+        "probe": probe,
+    }
+    manifest["llm"] = entry
+    write_json_atomic(out / MANIFEST, manifest)
+    return LlmExport(out, entry, table)
+
+
+def _default_quant(model: str) -> str:
+    return load_spec(model).gguf_quant if model in known_aliases() else "q4_k_m"
+
+
+def _register(path: Path, out: Path, manifest: dict[str, Any], p: int) -> tuple[Path, dict[str, Any], str]:
+    """An existing GGUF: check it, cut the probe from it as stored."""
+    if not path.is_file():
+        raise BundleError(f"no GGUF file at {path}")
+    facts = _gguf_facts(path)
+    if facts["arch"] != "llama":
+        raise BundleError(f"{path} has architecture {facts['arch']!r}; only 'llama' GGUFs are supported")
+    _check_width(facts["n_embd"], manifest)
+    log(f"[1/3] registering {path}")
+    return path, _probe(path, out, p), str(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export.llm", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", required=True, help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint"
+    )
+    parser.add_argument(
+        "--quant",
+        choices=list(QUANTS),
+        default=None,
+        help="GGUF type (default: the registry's, q4_k_m for a local path)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="bundle directory holding export.clip's manifest.json (default: models/<alias>/)",
+    )
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="register this existing llama GGUF instead of converting (default: convert)",
+    )
+    parser.add_argument("--force", action="store_true", help="overwrite an existing llm-<quant>.gguf")
+    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log (default: silenced)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        result = export_llm(args.model, args.quant, args.out, args.gguf, args.force, args.verbose)
+        print(result.table)
+        print(f"language model {result.entry['gguf']} ({result.entry['quant']}) and probe written to {result.out}")
+        return 0
+
+    return run_cli(body, "export.llm")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

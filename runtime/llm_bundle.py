@@ -1,0 +1,40 @@
+"""Open a bundle's language model from ``manifest["llm"]`` (written by export.llm).
+
+It is checked against the projector's output width, so a GGUF of another model is refused
+with one line before anything is evaluated (``runtime.probe.open_probe`` does the same).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import BundleError
+from runtime.llm import LlamaBackend, projector_out_dim
+
+
+def llm_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest["llm"]``; a bundle without one is a one-line BundleError."""
+    entry = manifest.get("llm")
+    if not isinstance(entry, dict) or "gguf" not in entry:
+        raise BundleError(f"bundle {root} has no language model; run: python -m export.llm --model ALIAS --out {root}")
+    return entry
+
+
+def checked_width(backend: LlamaBackend, manifest: dict[str, Any]) -> LlamaBackend:
+    """``backend`` if its n_embd equals the manifest's projector width (closed and refused if not)."""
+    width = projector_out_dim(manifest)
+    if width is not None:
+        try:
+            backend.check_n_embd(width)
+        except BundleError:
+            backend.close()
+            raise
+    return backend
+
+
+def open_language_model(root: str | Path, manifest: dict[str, Any], **options: Any) -> LlamaBackend:
+    """The bundle's GGUF in a :class:`LlamaBackend` (``options``: its keyword arguments)."""
+    root = Path(root)
+    entry = llm_entry(root, manifest)
+    return checked_width(LlamaBackend(root / entry["gguf"], **options), manifest)

@@ -1,0 +1,183 @@
+"""The LLaVA-1.5 conversation template as data, and conversations as segments.
+
+LLaVA-1.5 (``conv_vicuna_v1``, separator style TWO) renders
+``"{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"``. Instead of a string
+with ``<image>``/``</s>`` in it, :func:`conversation_segments` returns text pieces and
+:class:`Marker` placeholders, so the caller tokenizes each text piece on its own (with
+``special=False``: user text can never forge a control token), puts the image embeddings where
+``Marker.IMAGE`` stands and the EOS id where ``Marker.EOS`` stands. Tokenizing each piece
+separately gives every piece SentencePiece's dummy-prefix space, as LLaVA's own
+``tokenizer_image_token`` does (it tokenizes the chunks around ``<image>`` separately).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from runtime.errors import InputError
+
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+class Marker(enum.Enum):
+    """Placeholders in a segment list; ``value`` is how they render as text."""
+
+    IMAGE = "<image>"
+    EOS = "</s>"
+
+
+Segment = str | Marker
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A two-role conversation format; defaults are LLaVA-1.5's."""
+
+    system: str = LLAVA_SYSTEM
+    user: str = "USER"
+    assistant: str = "ASSISTANT"
+    separator: str = " "  # after the system line and after each question
+    image_prefix: str = "\n"  # text between the image and the first question
+
+    def __post_init__(self) -> None:
+        if not self.user or not self.assistant:
+            raise ValueError("role names must be non-empty")
+
+
+LLAVA_1_5 = ChatTemplate()
+TEMPLATES = {"llava-1.5": LLAVA_1_5}
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template registered as ``name`` (``models/*.json`` ``chat_template``)."""
+    if name not in TEMPLATES:
+        raise InputError(f"unknown chat template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[name]
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One question and, once given, its answer."""
+
+    question: str
+    answer: str | None = None  # None: the turn the model answers next
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat history; the image (if any) belongs to the first question, as in LLaVA-1.5."""
+
+    turns: tuple[Turn, ...] = ()
+    has_image: bool = True
+
+    def __post_init__(self) -> None:
+        if any(turn.answer is None for turn in self.turns[:-1]):
+            raise ValueError("only the last turn may be unanswered")
+
+    def ask(self, question: str) -> Conversation:
+        """A new conversation with ``question`` appended (the previous turn must be answered)."""
+        return Conversation((*self.turns, Turn(question)), self.has_image)
+
+    def answered(self, answer: str) -> Conversation:
+        """A new conversation whose last (pending) turn has ``answer``."""
+        if not self.turns or self.turns[-1].answer is not None:
+            raise ValueError("there is no pending question to answer")
+        return Conversation((*self.turns[:-1], Turn(self.turns[-1].question, answer)), self.has_image)
+
+
+def conversation_segments(conversation: Conversation, template: ChatTemplate = LLAVA_1_5) -> tuple[Segment, ...]:
+    """Text pieces and markers of a conversation; ends with ``"ASSISTANT:"`` when the last turn
+    is pending. Example (one pending turn, image):
+    ``("{system} USER: ", Marker.IMAGE, "\\nWhat is it? ASSISTANT:")``."""
+    if not conversation.turns:
+        raise ValueError("a conversation needs at least one question")
+    pieces: list[Segment] = [template.system + template.separator]
+    for i, turn in enumerate(conversation.turns):
+        pieces.append(f"{template.user}: ")
+        if i == 0 and conversation.has_image:
+            pieces += [Marker.IMAGE, template.image_prefix]
+        pieces.append(f"{turn.question}{template.separator}{template.assistant}:")
+        if turn.answer is not None:
+            pieces += [f" {turn.answer}", Marker.EOS]
+    return _merge_text(pieces)
+
+
+def _merge_text(pieces: list[Segment]) -> tuple[Segment, ...]:
+    """Join neighbouring strings; drop empty ones."""
+    out: list[Segment] = []
+    for piece in pieces:
+        if isinstance(piece, str) and out and isinstance(out[-1], str):
+            out[-1] += piece
+        elif not (isinstance(piece, str) and not piece):
+            out.append(piece)
+    return tuple(out)
+
+
+def render(segments: tuple[Segment, ...]) -> str:
+    """The segments as one string (markers as ``<image>``/``</s>``), e.g. for logs and tests."""
+    return "".join(piece.value if isinstance(piece, Marker) else piece for piece in segments)
+
+
+@dataclass(frozen=True)
+class SplitPrompt:
+    """Segments cut at the (single) image: text/markers before and after it."""
+
+    before: tuple[Segment, ...]
+    after: tuple[Segment, ...]
+    has_image: bool
+
+
+def split_at_image(segments: tuple[Segment, ...]) -> SplitPrompt:
+    """Cut at ``Marker.IMAGE`` (at most one); without an image everything is ``before``."""
+    where = [i for i, piece in enumerate(segments) if piece is Marker.IMAGE]
+    if len(where) > 1:
+        raise InputError(f"LLaVA-1.5 takes one image per conversation, the prompt has {len(where)}")
+    if not where:
+        return SplitPrompt(segments, (), False)
+    return SplitPrompt(segments[: where[0]], segments[where[0] + 1 :], True)
+
+
+class Tokenizer(Protocol):
+    """What :func:`encode_prompt` needs (``runtime.llm.LlamaBackend`` is one)."""
+
+    bos_token: int
+    eos_token: int
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids around the image: the LLM sees ``prefix + image rows + suffix``."""
+
+    prefix: tuple[int, ...]  # BOS and the tokens before the image (everything when no image)
+    suffix: tuple[int, ...]  # the tokens after the image
+    has_image: bool
+
+
+def _encode(pieces: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
+    ids: list[int] = []
+    for piece in pieces:
+        if piece is Marker.EOS:
+            ids.append(tokenizer.eos_token)
+        elif isinstance(piece, str):
+            ids += tokenizer.tokenize(piece, add_bos=False, special=False)
+        else:
+            raise InputError(f"cannot tokenize {piece}; cut the prompt at the image first")
+    return ids
+
+
+def encode_prompt(segments: tuple[Segment, ...], tokenizer: Tokenizer) -> PromptTokens:
+    """Tokenize each text piece on its own (``special=False``), ``Marker.EOS`` -> EOS id, BOS
+    first; split at the image. Example: ("A ", IMAGE, "B", EOS) -> prefix [bos, *A], suffix [*B, eos]."""
+    split = split_at_image(segments)
+    bos = [tokenizer.bos_token] if tokenizer.bos_token >= 0 else []
+    return PromptTokens(
+        tuple(bos + _encode(split.before, tokenizer)), tuple(_encode(split.after, tokenizer)), split.has_image
+    )

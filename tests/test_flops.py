@@ -1,0 +1,171 @@
+"""tools/flops.py: hand-computed FLOP counts, a matmul-shape loop reference, monotonicity and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime.strategies.registry import available
+from runtime.strategies.visionzip import contextual_count
+from tools.flops import (
+    COST_MODELS,
+    SHAPES,
+    VisionShape,
+    contextual_tokens,
+    llm_layer_flops,
+    llm_prefill_flops,
+    main,
+    projector_flops,
+    report,
+    strategy_cost,
+    vision_flops,
+)
+
+LLAVA_7B, LLAVA_13B = SHAPES["llava-1.5-7b"], SHAPES["llava-1.5-13b"]
+N = 576
+BUDGETS = (576, 192, 128, 64)
+
+# One 7B decoder layer over n = 60 prompt + 576 image = 636 tokens, FastV formula, d = 4096, m = 11008:
+#   4 n d² = 4 · 636 · 16,777,216           = 42,681,237,504
+#   2 n² d = 2 · 404,496 · 4096             =  3,313,631,232
+#   2 n d m = 2 · 636 · 4096 · 11008        = 57,352,912,896
+#   sum                                     = 103,347,781,632 per layer; × 32 layers = 3,307,129,012,224
+LAYER_7B_636 = 103_347_781_632
+PREFILL_7B_576 = 3_307_129_012_224
+# CLIP-L/14-336 up to block 23: one block over 577 tokens, D = 1024, M = 4096:
+#   4·577·1024² + 2·577²·1024 + 2·577·1024·4096 = 2,420,113,408 + 681,838,592 + 4,840,226,816 = 7,942,178,816
+#   patch embedding 576 · (3·14·14) · 1024 = 346,816,512;  total 23 · 7,942,178,816 + 346,816,512
+VISION = 183_016_929_280
+PROJECTOR_7B_PER_TOKEN = 1024 * 4096 + 4096 * 4096  # 20,971,520
+PROJECTOR_13B_PER_TOKEN = 1024 * 5120 + 5120 * 5120  # 31,457,280
+
+
+def layer_loop_reference(n: int, d: int, m: int, swiglu: bool) -> int:
+    """Sum of a·b·c over every matmul [a, b] @ [b, c] of one layer, written out one by one."""
+    matmuls = [(n, d, d)] * 4  # Q, K, V, O projections
+    matmuls += [(n, d, n), (n, n, d)]  # Q Kᵀ, then A V
+    matmuls += [(n, d, m), (n, m, d)] + ([(n, d, m)] if swiglu else [])  # up, down (+ gate)
+    total = 0
+    for a, b, c in matmuls:
+        total += a * b * c
+    return total
+
+
+def test_layer_hand_cases() -> None:
+    assert llm_layer_flops(1, 1, 1) == 4 + 2 + 2
+    assert llm_layer_flops(1, 1, 1, swiglu=True) == 4 + 2 + 3
+    assert llm_layer_flops(2, 3, 5) == 4 * 2 * 9 + 2 * 4 * 3 + 2 * 2 * 3 * 5 == 156
+    assert llm_layer_flops(2, 3, 5, swiglu=True) == 72 + 24 + 90
+    assert llm_layer_flops(636, 4096, 11008) == LAYER_7B_636
+
+
+def test_layer_matches_matmul_loop_on_random_shapes() -> None:
+    rng = np.random.default_rng(0)
+    for n, d, m in rng.integers(1, 5000, size=(50, 3)).tolist():
+        for swiglu in (False, True):
+            assert llm_layer_flops(n, d, m, swiglu) == layer_loop_reference(n, d, m, swiglu)
+    # negative control: forgetting the gate projection must be caught by the reference
+    assert llm_layer_flops(7, 8, 9, swiglu=False) != layer_loop_reference(7, 8, 9, swiglu=True)
+
+
+@given(st.integers(0, 4000), st.integers(1, 8192), st.integers(1, 30000))
+def test_layer_properties(n: int, d: int, m: int) -> None:
+    assert llm_layer_flops(n + 1, d, m) > llm_layer_flops(n, d, m)
+    assert llm_layer_flops(n, d, m, swiglu=True) - llm_layer_flops(n, d, m) == n * d * m
+
+
+def test_7b_and_13b_prefill_of_the_576_baseline() -> None:
+    assert llm_prefill_flops(60 + N, LLAVA_7B.llm) == PREFILL_7B_576
+    assert strategy_cost("none", N, LLAVA_7B).llm == PREFILL_7B_576
+    # 13B: 40 · (4·636·5120² + 2·636²·5120 + 2·636·5120·13824)
+    assert llm_prefill_flops(636, LLAVA_13B.llm) == 40 * (66_689_433_600 + 4_142_039_040 + 90_030_735_360)
+
+
+def test_vision_and_projector_hand_numbers() -> None:
+    assert VisionShape().num_patches == N
+    assert vision_flops(LLAVA_7B.vision) == VISION
+    assert projector_flops(1, 2, 3) == 15
+    assert projector_flops(N, 1024, 4096) == N * PROJECTOR_7B_PER_TOKEN
+    assert strategy_cost("none", N, LLAVA_13B).projector == N * PROJECTOR_13B_PER_TOKEN
+
+
+def test_probe_and_project_all_costs() -> None:
+    ep = strategy_cost("entropyprune", 64, LLAVA_7B, prompt=60, probe_layer=2)
+    assert ep.probe == LAYER_7B_636 + N * 4096 * 4096  # P-1 = 1 layer over 636 tokens + W_q on 576 rows
+    fastv = strategy_cost("fastv", 64, LLAVA_7B, prompt=60, probe_layer=2)
+    assert fastv.probe == LAYER_7B_636 + 636 * 4096 * 4096 + 4096 * 4096  # W_k on all rows, W_q on the last
+    assert strategy_cost("entropyprune", 64, LLAVA_7B, probe_layer=3).probe == 2 * LAYER_7B_636 + N * 4096**2
+    for name in ("divprune", "entropyprune", "fastv"):
+        assert strategy_cost(name, 64, LLAVA_7B).projector == (N + 64) * PROJECTOR_7B_PER_TOKEN, name
+    for name in ("uniform", "fastervlm", "visionzip", "entropy"):
+        cost = strategy_cost(name, 64, LLAVA_7B)
+        assert cost.projector == 64 * PROJECTOR_7B_PER_TOKEN and cost.probe == 0, name
+    assert strategy_cost("divprune", 64, LLAVA_7B).select == N * N * 4096
+    assert strategy_cost("entropy", 64, LLAVA_7B).select == N * 64 * 1024
+
+
+@pytest.mark.parametrize("model", [LLAVA_7B, LLAVA_13B], ids=lambda m: m.alias)
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_smaller_budgets_cost_less(model, swiglu: bool) -> None:
+    for name in COST_MODELS[1:]:
+        llm = [strategy_cost(name, k, model, swiglu=swiglu).llm for k in BUDGETS]
+        total = [strategy_cost(name, k, model, swiglu=swiglu).total for k in BUDGETS]
+        assert llm == sorted(llm, reverse=True) and len(set(llm)) == len(llm), name
+        assert total == sorted(total, reverse=True) and len(set(total)) == len(total), name
+    keep_all = strategy_cost("none", N, model, swiglu=swiglu)
+    assert strategy_cost("uniform", N, model, swiglu=swiglu).total == keep_all.total
+
+
+def test_visionzip_contextual_count_matches_runtime() -> None:
+    assert [contextual_tokens(k) for k in (64, 128, 192)] == [10, 20, 30]
+    assert all(contextual_tokens(k) == contextual_count(k) for k in range(1, N + 1))
+
+
+def test_every_registered_strategy_has_a_cost_model() -> None:
+    assert set(available()) <= set(COST_MODELS)
+
+
+def test_report_fractions_and_order() -> None:
+    (table,) = report(["llava-1.5-7b"], ["entropy", "none"], [576, 64], 60, ["fastv"], None)
+    assert table.probe_layer == 2  # from models/llava-1.5-7b.json
+    assert [(r.strategy, r.tokens) for r in table.rows] == [("none", N), ("entropy", 64)]
+    rows = table.to_json()["rows"]
+    assert rows[0]["total_fraction"] == 1.0 and rows[0]["llm_fraction"] == 1.0
+    assert rows[1]["llm_fraction"] == pytest.approx(llm_prefill_flops(124, LLAVA_7B.llm) / PREFILL_7B_576)
+
+
+def test_cli_markdown(capsys) -> None:
+    assert main(["--models", "llava-1.5-7b", "--mlp", "fastv", "swiglu"]) == 0
+    out = capsys.readouterr().out
+    assert "4nd² + 2n²d + 2ndm" in out and "4nd² + 2n²d + 3ndm" in out
+    assert out.count("| none | 576 |") == 2 and "| entropy | 64 |" in out
+    assert "| 3.3071 |" in out  # the 576-token 7B prefill, FastV formula, in TFLOPs
+
+
+def test_cli_json(capsys) -> None:
+    assert main(["--json", "--tokens", "64", "--mlp", "fastv", "--strategies", "none", "fastv"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    tables = json.loads(lines[0])["tables"]
+    assert [t["model"] for t in tables] == ["llava-1.5-7b", "llava-1.5-13b"]
+    assert tables[0]["rows"][0]["llm"] == PREFILL_7B_576 and tables[0]["rows"][1]["strategy"] == "fastv"
+
+
+def exit_code(argv: list[str]) -> int:
+    """main's return value, or argparse's SystemExit code."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return int(stop.code)
+
+
+@pytest.mark.parametrize("argv", [["--models", "llava-9b"], ["--strategies", "bogus"], ["--tokens", "0"],
+                                  ["--prompt-tokens", "-1"], ["--mlp", "relu"]])
+def test_cli_errors_are_one_line_exit_2(argv: list[str], capsys) -> None:
+    code = exit_code(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "error" in err[0], err

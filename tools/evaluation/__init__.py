@@ -1,0 +1,1 @@
+"""The accuracy harness behind tools/eval.py: readers, scoring, runner, table, answerer."""
