@@ -59,6 +59,19 @@ def tiny_bundle(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def tiny_llm_bundle(tiny_bundle: Path, tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny bundle plus ``export.llm --quant f32`` (GGUF, probe, probe weights)."""
+    import shutil
+
+    from export.llm import main
+
+    out = tmp_path_factory.mktemp("tiny_llm_bundle") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    assert main(["--model", str(tiny_llava_dir), "--out", str(out), "--quant", "f32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict[str, Image.Image]:
     """Six scikit-image photos as RGB PIL images (grey ``camera`` made RGB); don't mutate."""
     from skimage import data

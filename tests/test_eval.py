@@ -419,21 +419,6 @@ def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, textvqa: Path, tmp_pa
 
 
 # --- the real answerer on the tiny model (llama.cpp) ------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_llm_bundle(tiny_bundle: Path, tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny bundle with a language model: as is when it has one, else export.llm into a copy."""
-    if json.loads((tiny_bundle / "manifest.json").read_text(encoding="utf-8")).get("llm"):
-        return tiny_bundle
-    try:
-        from export.llm import export_llm
-    except ImportError as err:
-        pytest.skip(f"no llama.cpp language model for the tiny bundle: {err}")
-    out = tmp_path_factory.mktemp("eval_llm") / "bundle"
-    shutil.copytree(tiny_bundle, out)
-    export_llm(str(tiny_llava_dir), quant="f32", out=out)
-    return out
-
-
 @pytest.mark.llm
 def test_cli_smoke_with_real_answerer(tiny_llm_bundle: Path, tmp_path: Path, capsys) -> None:
     wheel = _fake_wheel(tmp_path / "easy", EASY)

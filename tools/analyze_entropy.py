@@ -20,7 +20,6 @@ import io
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,6 +32,7 @@ from runtime.errors import InputError
 from runtime.merging import merge_tokens
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
+from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.registry import bundle_path
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
@@ -41,7 +41,6 @@ from runtime.types import EncoderOutput, ProbeOutput
 from tools import entropy_plots as plots
 
 ProbeFn = Callable[[np.ndarray], ProbeOutput]
-DEFAULT_QUESTION = "Describe this image in detail."
 BAR = 20  # width of the progress bar in characters
 
 
@@ -221,21 +220,6 @@ def check_strategies(names: Sequence[str], has_probe: bool) -> tuple[list[str], 
     return run, notes
 
 
-def bundle_probe(pipeline: Pipeline, question: str, stack: ExitStack) -> ProbeFn | None:
-    """The bundle's probe (``export.llm``) bound to the LLaVA prompt of ``question``; None without one."""
-    entry = (pipeline.manifest.llm or {}).get("probe")
-    if not entry:
-        return None
-    from runtime.probe import LlamaProbe
-    from runtime.template import Conversation, conversation_segments, encode_prompt, get_template
-
-    root = pipeline.manifest.root
-    probe = stack.enter_context(LlamaProbe(root / entry["gguf"], root / entry["weights"]))
-    segments = conversation_segments(Conversation().ask(question), get_template(pipeline.manifest.chat_template))
-    prompt = encode_prompt(segments, probe.backend)
-    return probe.bind(prompt.prefix, prompt.suffix)
-
-
 def run_analysis(bundle: Path, images: Sequence[Path], out: Path, tokens: int = 64,
                  strategies: Sequence[str] | None = None, question: str = DEFAULT_QUESTION) -> dict[str, Any]:
     """Analyse ``images`` with ``bundle``, write every figure and table into ``out``; the summary."""
@@ -249,14 +233,14 @@ def run_analysis(bundle: Path, images: Sequence[Path], out: Path, tokens: int = 
     pipeline = Pipeline(bundle)
     tokens = pipeline.check_budget(tokens)
     wanted = list(strategies) if strategies is not None else [s for s in available() if s != "none"]
-    with ExitStack() as stack:
-        probe = bundle_probe(pipeline, question, stack) if any(get_strategy(s).needs_probe for s in wanted) else None
-        run, notes = check_strategies(wanted, probe is not None)
-        for note in notes:
-            log(f"note: {note}")
-        names = image_names(images)
-        analyses = [analyze_image(pipeline, name, Path(path), tokens, run, probe, out)
-                    for name, path in progress(list(zip(names, images, strict=True)), names)]
+    needs_probe = any(get_strategy(s).needs_probe for s in wanted)
+    probe = probe_from_manifest(pipeline.manifest, question) if needs_probe else None
+    run, notes = check_strategies(wanted, probe is not None)
+    for note in notes:
+        log(f"note: {note}")
+    names = image_names(images)
+    analyses = [analyze_image(pipeline, name, Path(path), tokens, run, probe, out)
+                for name, path in progress(list(zip(names, images, strict=True)), names)]
     return write_outputs(pipeline, analyses, out, tokens, run, notes)
 
 

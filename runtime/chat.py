@@ -1,0 +1,150 @@
+"""``python -m runtime.chat --model DIR --image PATH``: chat about an image on a laptop.
+
+With ``--prompt`` it answers once and exits (scriptable); without, a REPL with streaming output
+and commands (``/help``). Ctrl-C stops the current answer, not the program; Ctrl-D quits.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.errors import UserError
+from runtime.prune import add_pipeline_arguments, method_options
+from runtime.registry import bundle_path
+
+HELP = """commands:
+  /image PATH      chat about another image (starts a new conversation)
+  /tokens K        keep K visual tokens from the next answer on
+  /strategy NAME   pruning strategy from the next answer on
+  /reset           forget the conversation, keep the image
+  /stats           timings of the last answer
+  /help            this text
+  /quit            leave (Ctrl-D works too)"""
+
+
+class ChatBackend(Protocol):
+    """What the REPL drives (``runtime.assistant.Assistant`` is one; tests use a fake)."""
+
+    def respond(self, question: str) -> Iterator[str]: ...
+    def set_image(self, image: str | Path) -> None: ...
+    def update(self, **changes: object) -> None: ...
+    def reset(self) -> None: ...
+    def stats_lines(self) -> list[str]: ...
+
+
+def stream_answer(backend: ChatBackend, question: str, out: TextIO) -> bool:
+    """Print the answer as it streams; False when Ctrl-C stopped it."""
+    pieces = backend.respond(question)
+    try:
+        for piece in pieces:
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        pieces.close()  # type: ignore[attr-defined]  # records the partial answer
+        out.write(" [stopped]\n")
+        return False
+    out.write("\n")
+    return True
+
+
+def _command(backend: ChatBackend, line: str, out: TextIO) -> bool:
+    """Run one ``/command``; False means quit."""
+    name, _, arg = line.strip().partition(" ")
+    arg = arg.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        out.write(HELP + "\n")
+    elif name == "/reset":
+        backend.reset()
+        out.write("conversation cleared\n")
+    elif name == "/stats":
+        out.write("\n".join(backend.stats_lines()) + "\n")
+    elif name == "/image" and arg:
+        backend.set_image(Path(arg).expanduser())
+        out.write(f"image: {arg} (new conversation)\n")
+    elif name == "/tokens" and arg:
+        if not arg.isdigit():
+            raise UserError(f"/tokens needs a positive integer, got {arg!r}")
+        backend.update(tokens=int(arg))
+        out.write(f"tokens: {int(arg)}\n")
+    elif name == "/strategy" and arg:
+        backend.update(strategy=arg)
+        out.write(f"strategy: {arg}\n")
+    elif name in ("/image", "/tokens", "/strategy"):
+        raise UserError(f"{name} needs an argument (see /help)")
+    else:
+        raise UserError(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, timings: bool = False) -> int:
+    """Read questions and commands until /quit or end of input; errors are one line and the loop goes on."""
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:
+            stdout.write("\n")
+            continue
+        if not line:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            if text.startswith("/"):
+                if not _command(backend, text, stdout):
+                    return 0
+            elif stream_answer(backend, text, stdout) and timings:
+                stderr.write("\n".join(backend.stats_lines()) + "\n")
+        except UserError as err:
+            stderr.write(f"error: {err}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m runtime.chat", description=__doc__.splitlines()[0])
+    add_pipeline_arguments(parser)
+    parser.add_argument("--image", type=Path, default=None, help="image to chat about (or /image later)")
+    parser.add_argument("--prompt", default=None, help="answer this one question and exit")
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default: 512)")
+    parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature, 0 = greedy (default: 0.2)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context length (default: min(4096, trained))")
+    parser.add_argument("--timings", action="store_true", help="print per-stage timings to stderr after answers")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from runtime.assistant import Assistant, Settings
+        from runtime.preprocess import load_image
+
+        image = load_image(args.image) if args.image else None  # bad image: fail before loading models
+        settings = Settings(args.tokens, args.strategy, {k: v for k, v in method_options(args).items() if v is not None},
+                            args.max_tokens, args.temperature, args.top_p, args.seed)
+        log(f"loading {args.model}")
+        assistant = Assistant.open(bundle_path(args.model), settings, args.threads, args.provider, args.n_ctx, args.int8)
+        try:
+            if image is not None:
+                assistant.set_image(image)
+            if args.prompt is not None:
+                stream_answer(assistant, args.prompt, sys.stdout)
+                if args.timings:
+                    log("\n".join(assistant.stats_lines()))
+                return 0
+            return repl(assistant, sys.stdin, sys.stdout, sys.stderr, args.timings)
+        finally:
+            assistant.close()
+
+    return run_cli(body, "runtime.chat")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,176 @@
+"""runtime.chat: the REPL with a fake backend (full stdin → stdout transcript), and real runs."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.chat import main, repl
+from runtime.errors import InputError
+
+
+class FakeBackend:
+    """Answers with the question reversed and records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.tokens, self.strategy, self.turns = 64, "entropy", 0
+
+    def respond(self, question: str) -> Iterator[str]:
+        self.calls.append(f"respond {question}")
+        self.turns += 1
+        yield f"[{self.strategy}/{self.tokens}/turn {self.turns}] "
+        yield question[::-1]
+
+    def set_image(self, image) -> None:
+        if not Path(image).name.endswith(".png"):
+            raise InputError(f"not an image: {image}")
+        self.calls.append(f"image {Path(image).name}")
+        self.turns = 0
+
+    def update(self, **changes) -> None:
+        if changes.get("tokens", 1) > 576:
+            raise InputError("--tokens must be in 1..576 (the image has 576 patches), got 999")
+        if changes.get("strategy", "entropy") not in ("entropy", "fastervlm"):
+            raise InputError(f"unknown strategy {changes['strategy']!r}; choose one of: entropy, fastervlm")
+        self.__dict__.update(changes)
+        self.calls.append(f"update {changes}")
+
+    def reset(self) -> None:
+        self.turns = 0
+        self.calls.append("reset")
+
+    def stats_lines(self) -> list[str]:
+        return [f"turns: {self.turns}"]
+
+
+def run(text: str, backend: FakeBackend | None = None) -> tuple[str, str, FakeBackend]:
+    backend = backend or FakeBackend()
+    stdout, stderr = io.StringIO(), io.StringIO()
+    assert repl(backend, io.StringIO(text), stdout, stderr) == 0
+    return stdout.getvalue(), stderr.getvalue(), backend
+
+
+def test_full_transcript() -> None:
+    stdin = "what is this?\nand now?\n/tokens 32\n/strategy fastervlm\nagain\n/image other.png\nhi\n/stats\n/reset\n/quit\nnever\n"
+    stdout, stderr, backend = run(stdin)
+    assert stdout == (
+        "[entropy/64/turn 1] ?siht si tahw\n"
+        "[entropy/64/turn 2] ?won dna\n"
+        "tokens: 32\n"
+        "strategy: fastervlm\n"
+        "[fastervlm/32/turn 3] niaga\n"
+        "image: other.png (new conversation)\n"
+        "[fastervlm/32/turn 1] ih\n"
+        "turns: 1\n"
+        "conversation cleared\n"
+    )
+    assert stderr == ""
+    assert "respond never" not in backend.calls  # nothing after /quit
+
+
+def test_errors_are_one_line_and_the_loop_goes_on() -> None:
+    stdin = "/frobnicate\n/tokens\n/tokens abc\n/tokens 999\n/strategy magic\n/image notes.txt\nstill here?\n"
+    stdout, stderr, _ = run(stdin)
+    assert stderr.splitlines() == [
+        "error: unknown command /frobnicate; /help lists the commands",
+        "error: /tokens needs an argument (see /help)",
+        "error: /tokens needs a positive integer, got 'abc'",
+        "error: --tokens must be in 1..576 (the image has 576 patches), got 999",
+        "error: unknown strategy 'magic'; choose one of: entropy, fastervlm",
+        "error: not an image: notes.txt",
+    ]
+    assert stdout == "[entropy/64/turn 1] ?ereh llits\n"
+
+
+def test_help_and_end_of_input() -> None:
+    stdout, _, _ = run("/help\n")
+    for command in ("/image PATH", "/tokens K", "/strategy NAME", "/reset", "/stats", "/help", "/quit"):
+        assert command in stdout
+
+
+def test_ctrl_c_stops_the_answer_not_the_program() -> None:
+    class Interrupting(FakeBackend):
+        def respond(self, question: str) -> Iterator[str]:
+            self.calls.append(f"respond {question}")
+            yield "partial"
+            if question == "stop me":
+                raise KeyboardInterrupt
+
+    stdout, _, backend = run("stop me\nnext\n", Interrupting())
+    assert stdout == "partial [stopped]\npartial\n"
+    assert backend.calls == ["respond stop me", "respond next"]
+
+
+# --- real runs on the tiny bundle with its language model (llama.cpp) -----------------------
+
+
+@pytest.fixture(scope="module")
+def photo(photos, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("chat") / "coffee.png"
+    photos["coffee"].save(path)
+    return path
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize("strategy", ["entropy", "entropyprune"])
+def test_prompt_mode_answers_once(tiny_llm_bundle: Path, photo: Path, capsys, strategy: str) -> None:
+    argv = ["--model", str(tiny_llm_bundle), "--image", str(photo), "--prompt", "What is shown?",
+            "--max-tokens", "6", "--temperature", "0", "--timings", "--strategy", strategy]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("\n") and len(captured.out.splitlines()) >= 1
+    assert "image tokens kept: 64/576" in captured.err
+    assert "time to first token" in captured.err and "decode:" in captured.err
+    if strategy == "entropyprune":
+        assert "probe " in captured.err  # the probe's cost is shown on its own
+
+
+@pytest.mark.llm
+def test_greedy_answers_are_reproducible(tiny_llm_bundle: Path, photo: Path, capsys) -> None:
+    argv = ["--model", str(tiny_llm_bundle), "--image", str(photo), "--prompt", "Describe.", "--max-tokens", "8",
+            "--temperature", "0"]
+    outputs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize(
+    ("setup", "words"),
+    [
+        ("no-llm", "has no language model"),
+        ("wide", "n_embd"),
+        ("long", "context holds"),
+    ],
+)
+def test_bad_input_is_one_line(tiny_bundle: Path, tiny_llm_bundle: Path, photo: Path, tmp_path: Path, capsys,
+                               setup: str, words: str) -> None:
+    import shutil
+
+    bundle, extra = tiny_llm_bundle, []
+    if setup == "no-llm":
+        bundle = tiny_bundle
+    elif setup == "wide":
+        bundle = tmp_path / "wide"
+        shutil.copytree(tiny_llm_bundle, bundle)
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest["vision"]["projector_dim"] = 128
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        extra = ["--n-ctx", "100", "--tokens", "192"]
+    code = main(["--model", str(bundle), "--image", str(photo), "--prompt", "hi", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert words in err[-1], err
+
+
+def test_missing_image_fails_before_loading(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    assert main(["--model", str(tiny_bundle), "--image", str(tmp_path / "none.png"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err.strip() == f"runtime.chat: error: image not found: {tmp_path / 'none.png'}"
