@@ -31,9 +31,11 @@ def assign_to_kept(features: np.ndarray, kept: np.ndarray) -> np.ndarray:
     Example: X = [[1, 0], [0, 1], [1, 0.1]], kept = [0, 1] -> ``[0, 1, 0]``.
     """
     x, idx = _check(features, kept)
-    unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), NORM_FLOOR)
-    cosine = unit @ unit[idx].T  # [N, K]
-    assignment = np.argmax(cosine, axis=1).astype(np.int64)  # argmax: first = smaller position
+    targets = x[idx]
+    targets /= np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), NORM_FLOOR)
+    # |x_j| is constant along row j, so the argmax of x_j · unit(x_i) is that of the cosine
+    similarity = x @ targets.T  # [N, K]
+    assignment = np.argmax(similarity, axis=1).astype(np.int64)  # argmax: first = smaller position
     assignment[idx] = np.arange(idx.shape[0], dtype=np.int64)
     return assignment
 
@@ -55,9 +57,10 @@ def merge_tokens(features: np.ndarray, kept: np.ndarray, mode: str = "mean") -> 
         assignment[idx] = np.arange(k, dtype=np.int64)
         return MergeResult(x[idx].astype(np.float32), np.ones(k, dtype=np.int64), assignment)
     assignment = assign_to_kept(x, idx)
-    sums = np.zeros((k, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, assignment, x)  # row j is added to its target, kept rows to themselves
-    counts = np.bincount(assignment, minlength=k).astype(np.int64)
+    counts = np.bincount(assignment, minlength=k).astype(np.int64)  # every target has itself: >= 1
+    order = np.argsort(assignment, kind="stable")  # grouped by target, ascending patch order inside
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    sums = np.add.reduceat(x[order], starts, axis=0)  # row j summed into its target (kept rows too)
     return MergeResult((sums / counts[:, None]).astype(np.float32), counts, assignment)
 
 

@@ -47,6 +47,7 @@ def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, th
     from PIL import Image
 
     pipeline = Pipeline(bundle, threads=threads)
+    label = f"{bundle.parent.name}/{bundle.name}"
     probe = probe_for(pipeline)
     pixels = [pipeline.pixel_values(Image.fromarray(a)) for a in sample_images(images)]
     rows = []
@@ -60,7 +61,7 @@ def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, th
     encode_ms = statistics.median(encodes)
     for name in available():
         if get_strategy(name).needs_probe and probe is None:
-            rows.append({"bundle": bundle.name, "strategy": name, "tokens": "-", "note": "needs export.llm probe"})
+            rows.append({"bundle": label, "strategy": name, "tokens": "-", "note": "needs export.llm probe"})
             continue
         for k in ([pipeline.num_patches] if name == "none" else budgets):
             timings: dict[str, list[float]] = {}
@@ -71,7 +72,7 @@ def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, th
                         timings.setdefault(stage, []).append(ms)
             med = {stage: statistics.median(v) for stage, v in timings.items()}
             extra = med.get("project_all", 0.0) + med.get("probe", 0.0)
-            rows.append({"bundle": bundle.name, "strategy": name, "tokens": k, "encode_ms": encode_ms,
+            rows.append({"bundle": label, "strategy": name, "tokens": k, "encode_ms": encode_ms,
                          "prune_ms": med["prune"], "project_all_ms": med.get("project_all", 0.0),
                          "probe_ms": med.get("probe", 0.0), "prune_pct": 100 * med["prune"] / encode_ms,
                          "total_pct": 100 * (med["prune"] + extra) / encode_ms, "note": ""})
