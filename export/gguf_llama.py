@@ -10,10 +10,7 @@ are interleaved here. Weights are written as f32 (``dtype="f32"``) or f16 (2-D) 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import gguf
 import numpy as np
 
 from export.gguf_vocab import SpmVocab, read_spm_vocab
+from runtime.atomic import atomic_path
 from runtime.errors import ModelNotFoundError
 
 # decoder-prefix / lm_head spellings: transformers >= 4.52 LLaVA, original llava-hf, plain LLaMA
@@ -166,6 +164,9 @@ def tensor_plan(tensors: CheckpointTensors, hp: LlamaHParams, permute: bool = Tr
     return plan
 
 
+atomic_output = atomic_path  # the GGUF writers' name for runtime.atomic.atomic_path
+
+
 def add_hparams(writer: gguf.GGUFWriter, hp: LlamaHParams, n_layer: int, dtype: str, name: str) -> None:
     """The ``llama.*`` and ``general.*`` keys (``n_layer`` may be fewer than hp.n_layer: the probe)."""
     writer.add_name(name)
@@ -183,22 +184,6 @@ def add_hparams(writer: gguf.GGUFWriter, hp: LlamaHParams, n_layer: int, dtype: 
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
     writer.add_vocab_size(hp.n_vocab)
-
-
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _out_dtype(shape: tuple[int, ...], dtype: str) -> type:
@@ -229,7 +214,7 @@ def write_llama_gguf(
     if embd_shape != (hp.n_vocab, hp.n_embd):
         raise ModelNotFoundError(f"embed_tokens is {embd_shape}, config says {(hp.n_vocab, hp.n_embd)}")
     plan = tensor_plan(tensors, hp, permute)
-    with atomic_output(out) as tmp:
+    with atomic_path(out) as tmp:
         _stream(tensors, plan, hp, vocab, tmp, dtype, model_dir.name, progress)
     return hp
 

@@ -17,8 +17,8 @@ from typing import Any
 import gguf
 import numpy as np
 
-from export.gguf_llama import atomic_output, unpermute_qk
-from runtime.atomic import write_atomic
+from export.gguf_llama import unpermute_qk
+from runtime.atomic import atomic_path, write_atomic
 from runtime.errors import BundleError
 from runtime.probe import ProbeWeights
 
@@ -69,7 +69,7 @@ def write_probe_gguf(src: Path, out: Path, layer: int) -> None:
     keep.append(tensors[f"blk.{layer}.attn_norm.weight"])
     names = [t.name for t in keep[:-1]] + ["output_norm.weight"]
 
-    with atomic_output(out) as tmp:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         for key, field in reader.fields.items():
             if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, block_count):

@@ -24,9 +24,9 @@ from typing import Any
 import gguf
 import llama_cpp
 
-from export.gguf_llama import atomic_output, read_hparams, write_llama_gguf
+from export.gguf_llama import read_hparams, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
-from runtime.atomic import write_json_atomic
+from runtime.atomic import atomic_path, write_json_atomic
 from runtime.cli import log, run_cli
 from runtime.errors import BundleError, InputError
 from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
@@ -143,7 +143,7 @@ def _convert(model_dir: Path, out: Path, quant: str, p: int) -> tuple[Path, dict
         write_llama_gguf(model_dir, middle, "f16", progress=log)
         probe = _probe(middle, out, p)
         log(f"[2/3] quantising -> {target.name}")
-        with atomic_output(target) as tmp:
+        with atomic_path(target) as tmp:
             quantize_gguf(middle, tmp, quant)
     finally:
         middle.unlink(missing_ok=True)

@@ -24,7 +24,14 @@ from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import LlamaProbe, open_probe
 from runtime.strategies.registry import get_strategy
-from runtime.template import ChatTemplate, Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
+from runtime.template import (
+    ChatTemplate,
+    Conversation,
+    PromptTokens,
+    conversation_segments,
+    encode_prompt,
+    get_template,
+)
 from runtime.types import EncoderOutput
 
 STOP = ("</s>",)

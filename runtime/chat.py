@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, default=None, help="image to chat about (or /image later)")
     parser.add_argument("--prompt", default=None, help="answer this one question and exit")
     parser.add_argument("--max-tokens", type=int, default=512, help="longest answer in tokens (default: 512)")
-    parser.add_argument("--temperature", type=float, default=0.2, help="sampling temperature, 0 = greedy (default: 0.2)")
+    parser.add_argument("--temperature", type=float, default=0.2,
+                        help="sampling temperature, 0 = greedy (default: 0.2)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     parser.add_argument("--n-ctx", type=int, default=None, help="context length (default: min(4096, trained))")
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.preprocess import load_image
 
         image = load_image(args.image) if args.image else None  # bad image: fail before loading models
-        settings = Settings(args.tokens, args.strategy, {k: v for k, v in method_options(args).items() if v is not None},
-                            args.max_tokens, args.temperature, args.top_p, args.seed)
+        options = {k: v for k, v in method_options(args).items() if v is not None}
+        settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature, args.top_p,
+                            args.seed)
         log(f"loading {args.model}")
-        assistant = Assistant.open(bundle_path(args.model), settings, args.threads, args.provider, args.n_ctx, args.int8)
+        bundle = bundle_path(args.model)
+        assistant = Assistant.open(bundle, settings, args.threads, args.provider, args.n_ctx, args.int8)
         try:
             if image is not None:
                 assistant.set_image(image)

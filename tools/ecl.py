@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import sys
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="registry alias or local HF LLaVA checkpoint")
     parser.add_argument("images", nargs="+", type=Path, help="image files")
     parser.add_argument("--out", type=Path, required=True, help="directory for ecl.csv, ecl.json, ecl.png")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"question after <image> (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                        help=f"question after <image> (default: {DEFAULT_PROMPT!r})")
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from export.gguf_llama import atomic_output
+from runtime.atomic import atomic_path
 from runtime.cli import log
 
 WEIGHT_STD = 0.02
@@ -158,7 +158,7 @@ def write_random_gguf(out: Path, shape: Shape, kind: str, seed: int = 0) -> None
 def make_random_gguf(out: Path, shape: Shape, quant: str = "q4_0", seed: int = 0) -> Path:
     """Write the file atomically; quant types other than f32/f16/q4_0/q8_0 via llama.cpp."""
     if quant in FTYPE:
-        with atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             write_random_gguf(tmp, shape, quant, seed)
         return out
     from export.llm import QUANTS, quantize_gguf
@@ -168,7 +168,7 @@ def make_random_gguf(out: Path, shape: Shape, quant: str = "q4_0", seed: int = 0
     middle = out.with_name(f".{out.name}.f16.tmp")
     try:
         write_random_gguf(middle, shape, "f16", seed)
-        with atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             quantize_gguf(middle, tmp, quant)
     finally:
         middle.unlink(missing_ok=True)
