@@ -56,7 +56,8 @@ def run(text: str, backend: FakeBackend | None = None) -> tuple[str, str, FakeBa
 
 
 def test_full_transcript() -> None:
-    stdin = "what is this?\nand now?\n/tokens 32\n/strategy fastervlm\nagain\n/image other.png\nhi\n/stats\n/reset\n/quit\nnever\n"
+    stdin = ("what is this?\nand now?\n/tokens 32\n/strategy fastervlm\nagain\n/image other.png\nhi\n/stats\n"
+             "/reset\n/quit\nnever\n")
     stdout, stderr, backend = run(stdin)
     assert stdout == (
         "[entropy/64/turn 1] ?siht si tahw\n"

@@ -36,7 +36,7 @@ from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.registry import bundle_path
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
-from runtime.strategies.visionzip import _contextual_groups, contextual_count
+from runtime.strategies.visionzip import contextual_groups, contextual_count
 from runtime.types import EncoderOutput, ProbeOutput
 from tools import entropy_plots as plots
 
@@ -123,7 +123,7 @@ def group_assignment(encoded: EncoderOutput, result: PrunedImage) -> np.ndarray 
     elif result.strategy == "visionzip":
         dominant = k - contextual_count(k)
         remaining = np.setdiff1d(np.arange(n, dtype=np.int64), result.kept[:dominant])
-        _, joined = _contextual_groups(encoded.keys, remaining, k - dominant)
+        _, joined = contextual_groups(encoded.keys, remaining, k - dominant)
         assignment[remaining[joined >= 0]] = dominant + joined[joined >= 0]
     counts = np.bincount(assignment[assignment >= 0], minlength=k)
     return assignment if np.array_equal(counts, result.counts) else None

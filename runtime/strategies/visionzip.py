@@ -23,7 +23,7 @@ def contextual_count(budget: int) -> int:
     return int(np.floor(5 * budget / 32 + 0.5))
 
 
-def _contextual_groups(
+def contextual_groups(
     keys: np.ndarray, remaining: np.ndarray, count: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Targets ``[C]`` and each remaining patch's target position ``[R]`` (-1 for the targets).
@@ -65,7 +65,7 @@ def visionzip_select(features: np.ndarray, cls_attn: np.ndarray, keys: np.ndarra
     score = cls_attn.astype(np.float64).sum(axis=0)
     dominant = np.sort(np.argsort(-score, kind="stable")[: budget - count]).astype(np.int64)
     remaining = np.setdiff1d(np.arange(n, dtype=np.int64), dominant)  # sorted: raster order
-    targets, assign = _contextual_groups(keys, remaining, count)
+    targets, assign = contextual_groups(keys, remaining, count)
     x = features.astype(np.float64)
     sums = np.zeros((count, x.shape[1]))
     members = np.zeros(count, np.int64)
