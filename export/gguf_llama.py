@@ -164,7 +164,6 @@ def tensor_plan(tensors: CheckpointTensors, hp: LlamaHParams, permute: bool = Tr
     return plan
 
 
-atomic_output = atomic_path  # the GGUF writers' name for runtime.atomic.atomic_path
 
 
 def add_hparams(writer: gguf.GGUFWriter, hp: LlamaHParams, n_layer: int, dtype: str, name: str) -> None:

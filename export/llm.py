@@ -27,7 +27,7 @@ import llama_cpp
 from export.gguf_llama import read_hparams, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 from runtime.atomic import atomic_path, write_json_atomic
-from runtime.cli import log, run_cli
+from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import BundleError, InputError
 from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
 from runtime.manifest import SCHEMA
@@ -246,7 +246,7 @@ def _register(path: Path, out: Path, manifest: dict[str, Any], p: int) -> tuple[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export.llm", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m export.llm", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model", required=True, help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint"
     )

@@ -35,9 +35,9 @@ from typing import Any
 import gguf
 import numpy as np
 
-from export.gguf_llama import atomic_output
 from export.load import image_processor_config
-from runtime.cli import log, run_cli
+from runtime.atomic import atomic_path
+from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import ModelNotFoundError
 
 PROJECTOR_TYPE = "mlp"
@@ -209,7 +209,7 @@ def write_mmproj_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32"
     ckpt = _Checkpoint(model_dir)
     plan = tensor_plan(ckpt, hp.feature_layer, position_order)
     projector_dim = ckpt.shape(plan[-1][1])[0]
-    with atomic_output(out) as tmp:
+    with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, "clip")
         _add_keys(writer, hp, processor["image_mean"], processor["image_std"], model_dir.name)
         for name, key, fix in plan:
@@ -230,7 +230,7 @@ def read_mmproj_keys(path: str | Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export.mmproj", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m export.mmproj", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="registry alias or a local Hugging Face LLaVA-1.5 checkpoint")
     parser.add_argument("--out", type=Path, required=True, help="the GGUF file to write")
     parser.add_argument("--dtype", choices=DTYPES, default="f32", help="weight type (default: f32)")

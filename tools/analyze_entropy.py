@@ -36,7 +36,7 @@ from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.registry import bundle_path
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
-from runtime.strategies.visionzip import contextual_groups, contextual_count
+from runtime.strategies.visionzip import contextual_count, contextual_groups
 from runtime.types import EncoderOutput, ProbeOutput
 from tools import entropy_plots as plots
 

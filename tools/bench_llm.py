@@ -10,7 +10,6 @@ as projected LLaVA tokens roughly are) from an empty context; then greedy decode
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -19,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.cli import log, run_cli
+from runtime.cli import OneLineParser, log, run_cli
 from runtime.llm import LlamaBackend
+from tools.benchlib import decode_greedy_ms, markdown_table
 
 DEFAULT_ROWS = (16, 32, 64, 128, 192, 288, 576)
 DECODE_AFTER_ROWS = 64
@@ -49,10 +49,7 @@ def _decode_tokens_per_s(backend: LlamaBackend, rows: np.ndarray, tokens: int, r
     for _ in range(repeats):
         backend.reset()
         backend.eval_embeddings(rows)
-        start = time.perf_counter()
-        for _ in range(tokens):
-            backend.eval_tokens([int(np.argmax(backend.logits()))])
-        speeds.append(tokens / (time.perf_counter() - start))
+        speeds.append(tokens / (decode_greedy_ms(backend, tokens) / 1000.0))
     return statistics.median(speeds)
 
 
@@ -80,8 +77,8 @@ def bench(
 
 def table(result: BenchResult) -> str:
     """Markdown table of the prefill timings, decode speed and the 64/576 ratio when present."""
-    lines = ["| image rows | prefill ms (median) | rows/s |", "|---:|---:|---:|"]
-    lines += [f"| {m} | {ms:.1f} | {m / ms * 1000:.0f} |" for m, ms in result.prefill_ms.items()]
+    lines = [markdown_table(["image rows", "prefill ms (median)", "rows/s"],
+                            [[m, f"{ms:.1f}", f"{m / ms * 1000:.0f}"] for m, ms in result.prefill_ms.items()], "rrr")]
     lines.append(f"\ndecode: {result.decode_tokens_per_s:.1f} tokens/s (greedy, after {DECODE_AFTER_ROWS} rows)")
     if 64 in result.prefill_ms and 576 in result.prefill_ms:
         lines.append(f"prefill(64)/prefill(576) = {result.prefill_ms[64] / result.prefill_ms[576]:.3f}")
@@ -89,7 +86,7 @@ def table(result: BenchResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_llm", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m tools.bench_llm", description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path, help="GGUF file (e.g. from tools.make_random_gguf or export.llm)")
     parser.add_argument(
         "--rows",

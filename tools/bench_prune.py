@@ -16,24 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.pipeline import Pipeline
 from runtime.strategies.registry import available, get_strategy
-
-
-def sample_images(count: int) -> list[np.ndarray]:
-    """Real photos from scikit-image when installed, else seeded noise images (H×W×3 uint8)."""
-    try:
-        from skimage import data
-
-        names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field"]
-        arrays = [getattr(data, n)() for n in names[:count]]
-    except ImportError:
-        rng = np.random.default_rng(0)
-        arrays = [rng.integers(0, 256, (400, 500, 3), dtype=np.uint8) for _ in range(count)]
-    return [np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3] for a in arrays]
+from tools.benchlib import markdown_table, sample_images
 
 
 def probe_for(pipeline: Pipeline):
@@ -80,19 +66,17 @@ def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, th
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| bundle | strategy | K | encode ms | prune ms | prune / encode | project-all ms | probe ms "
-            "| all extra / encode | note |")
-    lines = [head, "|" + "---|" * 10]
+    header = ["bundle", "strategy", "K", "encode ms", "prune ms", "prune / encode", "project-all ms", "probe ms",
+              "all extra / encode", "note"]
+    cells = []
     for r in rows:
         if "encode_ms" not in r:
-            lines.append(f"| {r['bundle']} | {r['strategy']} | - | | | | | | | {r['note']} |")
+            cells.append([r["bundle"], r["strategy"], "-", "", "", "", "", "", "", r["note"]])
             continue
-        lines.append(
-            f"| {r['bundle']} | {r['strategy']} | {r['tokens']} | {r['encode_ms']:.1f} | {r['prune_ms']:.2f} "
-            f"| {r['prune_pct']:.2f} % | {r['project_all_ms']:.2f} | {r['probe_ms']:.2f} | {r['total_pct']:.2f} % "
-            f"| {r['note']} |"
-        )
-    return "\n".join(lines)
+        cells.append([r["bundle"], r["strategy"], r["tokens"], f"{r['encode_ms']:.1f}", f"{r['prune_ms']:.2f}",
+                      f"{r['prune_pct']:.2f} %", f"{r['project_all_ms']:.2f}", f"{r['probe_ms']:.2f}",
+                      f"{r['total_pct']:.2f} %", r["note"]])
+    return markdown_table(header, cells)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ filler pieces up to ``--vocab`` (llama.cpp tokenizes any text into bytes with it
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import gguf
 import numpy as np
 
 from runtime.atomic import atomic_path
-from runtime.cli import log
+from runtime.cli import OneLineParser, log
 
 WEIGHT_STD = 0.02
 QUANT_STD = {"q4_0": 4.6, "q8_0": 74.0}  # std of uniformly random 4-bit / 8-bit quants
@@ -176,7 +175,7 @@ def make_random_gguf(out: Path, shape: Shape, quant: str = "q4_0", seed: int = 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.make_random_gguf", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m tools.make_random_gguf", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="GGUF file to write")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="tinyllama-1.1b", help="base shape (default: tinyllama-1.1b)"

@@ -1,0 +1,259 @@
+"""tools/bench.py (stage breakdown), export/mmproj.py (our mmproj writer) and tools/bench_mtmd.py (libmtmd).
+
+Default tier: the mmproj writer read back with gguf's reader, the pure helpers. ``llm`` tier:
+the benchmark on the tiny bundle (content of table, CSV, JSON and PNG), a swapped GGUF of
+another width, and libmtmd loading our mmproj next to Hugging Face.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from export.mmproj import read_mmproj_keys, write_mmproj_gguf
+from tools.bench_mtmd import alignments, row_agreement
+from tools.benchlib import markdown_table
+
+F = 23  # tiny LLaVA: vision_feature_layer -2 of 24 blocks
+COS_TOL = 1e-12  # cosines are computed in float64
+MTMD_COS = 0.999  # libmtmd's projector uses tanh-GELU (ggml_gelu) where LLaVA uses erf; measured ≈ 0.9999993
+ONNX_COS = 0.9999  # our ONNX tower + projector vs HF (max |Δ| ~2e-5 on O(10) values)
+
+
+# --- pure helpers ----------------------------------------------------------------------------
+def test_row_agreement_hand_case() -> None:
+    a = row_agreement(np.array([[1.0, 0.0], [0.0, 2.0]]), np.array([[2.0, 0.0], [0.0, -1.0]]))
+    assert a.rows == 2
+    assert math.isclose(a.cos_min, -1.0, abs_tol=COS_TOL) and math.isclose(a.cos_mean, 0.0, abs_tol=COS_TOL)
+    assert a.max_abs == 3.0
+
+
+def test_row_agreement_matches_loop_reference() -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(7, 5)).astype(np.float32)
+    cos = [float(np.dot(p, q)) / (math.sqrt(float(np.dot(p, p))) * math.sqrt(float(np.dot(q, q))))
+           for p, q in zip(x.astype(np.float64), y.astype(np.float64), strict=True)]
+    got = row_agreement(x, y)
+    np.testing.assert_allclose([got.cos_min, got.cos_mean], [min(cos), sum(cos) / 7], atol=COS_TOL,
+                               err_msg="row_agreement differs from the loop reference")
+    assert got.max_abs == float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+    with pytest.raises(ValueError, match=r"\[M, E\]"):
+        row_agreement(x, y[:6])
+
+
+@settings(max_examples=50, deadline=None)
+@given(arrays(np.float32, (4, 3), elements=st.floats(-100, 100, width=32)),
+       arrays(np.float32, (4, 3), elements=st.floats(-100, 100, width=32)))
+def test_row_agreement_cosines_are_bounded(x: np.ndarray, y: np.ndarray) -> None:
+    a = row_agreement(x, y)
+    assert -1 - COS_TOL <= a.cos_min <= a.cos_mean <= 1 + COS_TOL and a.max_abs >= 0
+
+
+def test_alignments_find_a_shift_by_one() -> None:
+    rng = np.random.default_rng(0)
+    patches, cls = rng.normal(size=(6, 4)), rng.normal(size=4)
+    rows = np.concatenate([patches[1:], cls[None]])  # clip.cpp's order: patches 1..N-1, then [CLS]
+    found = alignments(rows, patches, cls)
+    assert found["shifted"].cos_min > 1 - COS_TOL and found["last_vs_cls"].cos_min > 1 - COS_TOL
+    assert found["aligned"].cos_min < 0.99  # negative control: the aligned comparison must not pass
+
+
+def test_markdown_table() -> None:
+    assert markdown_table(["a", "b"], [[1, "x"]], "lr") == "| a | b |\n|---|---:|\n| 1 | x |"
+    with pytest.raises(ValueError, match="2 cells"):
+        markdown_table(["a"], [[1, 2]])
+
+
+# --- the mmproj writer (no llama.cpp) ----------------------------------------------------------
+def expected_tensor_names() -> set[str]:
+    parts = ("attn_q", "attn_k", "attn_v", "attn_out", "ln1", "ln2", "ffn_up", "ffn_down")
+    names = {"v.class_embd", "v.patch_embd.weight", "v.position_embd.weight", "v.pre_ln.weight", "v.pre_ln.bias"}
+    names |= {f"v.blk.{i}.{p}.{w}" for i in range(F) for p in parts for w in ("weight", "bias")}
+    return names | {f"mm.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")}
+
+
+@pytest.fixture(scope="module")
+def mmproj(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mmproj_gguf(tiny_llava_dir, tmp_path_factory.mktemp("mmproj") / "mmproj.gguf").path
+
+
+def test_mmproj_keys(mmproj: Path) -> None:
+    keys = read_mmproj_keys(mmproj)
+    expected = {
+        "general.architecture": "clip", "clip.has_vision_encoder": True, "clip.has_llava_projector": True,
+        "clip.projector_type": "mlp", "clip.vision.image_size": 336, "clip.vision.patch_size": 14,
+        "clip.vision.embedding_length": 64, "clip.vision.feed_forward_length": 256,
+        "clip.vision.block_count": F, "clip.vision.attention.head_count": 4, "clip.vision.projection_dim": 64,
+        "clip.use_gelu": False, "clip.vision.feature_layer": [F],
+    }
+    assert {k: keys.get(k) for k in expected} == expected
+    np.testing.assert_allclose(keys["clip.vision.image_mean"], [0.48145466, 0.4578275, 0.40821073], rtol=1e-6,
+                               err_msg="image_mean")
+    np.testing.assert_allclose(keys["clip.vision.image_std"], [0.26862954, 0.26130258, 0.27577711], rtol=1e-6,
+                               err_msg="image_std")
+    assert math.isclose(keys["clip.vision.attention.layer_norm_epsilon"], 1e-5, rel_tol=1e-6)
+
+
+def test_mmproj_tensors_names_shapes_values(mmproj: Path, tiny_llava_model) -> None:
+    tensors = {t.name: t for t in gguf.GGUFReader(mmproj).tensors}
+    assert set(tensors) == expected_tensor_names()  # blocks 1..f only; no post_ln
+    shapes = {"v.patch_embd.weight": (64, 3, 14, 14), "v.position_embd.weight": (577, 64), "v.class_embd": (64,),
+              "v.blk.0.ffn_up.weight": (256, 64), "v.blk.0.ffn_down.weight": (64, 256), "mm.0.weight": (64, 64)}
+    assert {n: tuple(tensors[n].data.shape) for n in shapes} == shapes
+    assert all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors.values())
+    tower = tiny_llava_model.model.vision_tower
+    state = {k: v.numpy() for k, v in tower.state_dict().items()}
+    layer = f"encoder.layers.{F - 1}"
+    np.testing.assert_array_equal(tensors[f"v.blk.{F - 1}.ffn_down.weight"].data, state[f"{layer}.mlp.fc2.weight"])
+    np.testing.assert_array_equal(tensors["v.position_embd.weight"].data, state["embeddings.position_embedding.weight"])
+    proj = tiny_llava_model.model.multi_modal_projector
+    np.testing.assert_array_equal(tensors["mm.2.bias"].data, proj.linear_2.bias.detach().numpy())
+    # negative control: the last block written is block f, not f+1
+    assert not np.allclose(tensors[f"v.blk.{F - 1}.attn_q.weight"].data,
+                           state[f"encoder.layers.{F}.self_attn.q_proj.weight"])
+
+
+def test_mmproj_variants_and_errors(tiny_llava_dir: Path, mmproj: Path, tmp_path: Path) -> None:
+    info = write_mmproj_gguf(tiny_llava_dir, tmp_path / "m16.gguf", dtype="f16", position_order="cls-last")
+    assert (info.block_count, info.projector_dim, info.num_patches) == (F, 64, 576)
+    tensors = {t.name: t for t in gguf.GGUFReader(info.path).tensors}
+    standard = {t.name: t for t in gguf.GGUFReader(mmproj).tensors}
+    assert tensors["mm.0.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["v.pre_ln.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    pos = standard["v.position_embd.weight"].data
+    np.testing.assert_allclose(tensors["v.position_embd.weight"].data, np.concatenate([pos[1:], pos[:1]]),
+                               rtol=1e-3, err_msg="cls-last moves the [CLS] position row to the end (f16)")
+    with pytest.raises(ValueError, match="position_order"):
+        write_mmproj_gguf(tiny_llava_dir, tmp_path / "x.gguf", position_order="cls-first")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+# --- libmtmd (llama.cpp) -----------------------------------------------------------------------
+@pytest.mark.llm
+def test_libmtmd_reads_our_mmproj(tiny_llm_bundle: Path, tiny_llava_dir: Path, tiny_llava_model,
+                                  tmp_path: Path) -> None:
+    from runtime.pipeline import Pipeline
+    from tools.bench_mtmd import MtmdEncoder, hf_image_features, square_images
+
+    image = square_images(1, 336)[0]
+    pixels = Pipeline(tiny_llm_bundle).pixel_values(__import__("PIL.Image").Image.fromarray(image))[None]
+    cls, patches = hf_image_features(tiny_llava_model, pixels)
+    wrong_cls, wrong = hf_image_features(tiny_llava_model, pixels, vision_feature_layer=-3)  # block f-1
+    found, controls = [], []
+    for order, alignment in (("hf", "aligned"), ("cls-last", "shifted")):
+        info = write_mmproj_gguf(tiny_llava_dir, tmp_path / f"{order}.gguf", position_order=order)
+        with MtmdEncoder(info.path, tiny_llm_bundle / "llm-f32.gguf", info.projector_dim, threads=2) as encoder:
+            out = encoder.encode(image)
+        assert out.embeddings.shape == (576, 64) and out.encode_ms > 0
+        got = alignments(out.embeddings, patches[0], cls[0])
+        assert all(-1 - COS_TOL <= a.cos_min <= 1 + COS_TOL for a in got.values())  # reported as numbers
+        found.append(got[alignment].cos_min)
+        controls.append(alignments(out.embeddings, wrong[0], wrong_cls[0])[alignment].cos_min)
+    # Our tensors are what libmtmd needs: under the alignment that matches libmtmd's row order
+    # (standard layout if clip.cpp puts [CLS] first, cls-last if it appends it, as this version does)
+    # the rows equal Hugging Face's; one block too few (feature layer f-1) must fail the same bar.
+    assert max(found) >= MTMD_COS, found
+    assert max(controls) < MTMD_COS, controls
+
+
+@pytest.mark.llm
+def test_compare_with_mtmd_report(tiny_llm_bundle: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+    from tools.bench_mtmd import compare_with_mtmd
+    from tools.bench_report import mtmd_markdown
+
+    report = compare_with_mtmd(tiny_llm_bundle, tiny_llava_dir, tmp_path, images=1, repeats=1, threads=2)
+    assert report["status"] == "ok", report.get("reason")
+    assert report["ours_vs_hf"]["cos_min"] >= ONNX_COS and report["ours_vs_hf"]["rows"] == 576
+    for key in ("mtmd_hf", "mtmd_cls-last"):
+        assert report[key]["rows"] == 576
+        for alignment in ("aligned", "shifted", "last_vs_cls"):
+            assert -1 - COS_TOL <= report[key][alignment]["cos_min"] <= 1 + COS_TOL
+    assert all(v > 0 for v in report["timings_ms"].values()) and len(report["timings_ms"]) == 4
+    text = mtmd_markdown(report)
+    assert f"{report['mtmd_hf']['aligned']['cos_min']:.6f}" in text and "cls-last" in text
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+def table_rows(stdout: str) -> dict[tuple[str, int], dict[str, str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
+    return {(r["strategy"], int(r["K"])): r for r in rows}
+
+
+@pytest.mark.llm
+def test_bench_smoke_on_tiny_bundle(tiny_llm_bundle: Path, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from runtime.strategies.registry import available, get_strategy
+    from tools.bench import STAGES, main
+
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_llm_bundle), "--tokens", "32", "64", "--images", "1", "--repeats", "1",
+            "--decode-tokens", "2", "--threads", "2", "--out", str(out)]
+    assert main(args) == 0
+    table = table_rows(capsys.readouterr().out)
+    expected = {(s, k) for s in available() if s != "none" for k in (32, 64)} | {("none", 576)}
+    assert set(table) == expected
+    data = json.loads((out / "bench.json").read_text())
+    assert data["llm"]["random_rows"] is False and len(data["rows"]) == len(expected)
+    with (out / "bench.csv").open() as handle:
+        csv_rows = {(r["strategy"], int(r["tokens"])): r for r in csv.DictReader(handle)}
+    for row in data["rows"]:
+        key, stages = (row["strategy"], row["tokens"]), row["stages_ms"]
+        runs_probe = get_strategy(row["strategy"]).needs_probe
+        positive = [s for s in STAGES if s != "probe"] + (["probe"] if runs_probe else [])
+        assert all(stages[s] > 0 for s in positive), (key, stages)
+        assert (stages["probe"] > 0) == runs_probe and row["decode_tokens_per_s"] > 0
+        assert math.isclose(row["ttft_ms"], sum(stages.values()), rel_tol=1e-12)
+        positions = (int(table[key]["prefill positions"]), int(csv_rows[key]["prefill_positions"]))
+        assert positions == (row["prefill_positions"], row["prefill_positions"])
+        for s in STAGES:  # the three outputs carry the same numbers
+            assert float(csv_rows[key][f"{s}_ms"]) == stages[s]
+            assert table[key][s] == f"{stages[s]:.2f}"
+        assert float(csv_rows[key]["ttft_ms"]) == row["ttft_ms"] and table[key]["TTFT"] == f"{row['ttft_ms']:.2f}"
+    with Image.open(out / "bench.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400 and png.size[1] > 300
+        png.verify()
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+@pytest.mark.llm
+def test_bench_with_a_gguf_of_another_width(tiny_llm_bundle: Path, tmp_path: Path) -> None:
+    from tools.bench import BenchConfig, run_bench
+    from tools.bench_report import result_markdown
+    from tools.make_random_gguf import Shape, make_random_gguf
+
+    other = make_random_gguf(tmp_path / "wide.gguf", Shape(layers=2, embd=128, ff=256, heads=4, kv_heads=2,
+                                                            vocab=300, ctx=2048), quant="f32")
+    config = BenchConfig(tiny_llm_bundle, gguf=other, strategies=("entropy", "entropyprune"), tokens=(32,),
+                         images=1, repeats=1, decode_tokens=2, threads=2)
+    result = run_bench(config)
+    assert result.llm.random_rows and result.llm.n_embd == 128 and result.llm.projector_dim == 64
+    assert [(r.strategy, r.tokens) for r in result.rows] == [("entropy", 32), ("entropyprune", 32)]
+    assert result.rows[1].stages_ms["probe"] > 0 and all(r.stages_ms["prefill"] > 0 for r in result.rows)
+    text = result_markdown(result)
+    assert "random rows" in text and "n_embd 128 ≠ projector width 64" in text
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize("extra, message", [(["--strategies", "nope"], "unknown strategy 'nope'"),
+                                            (["--tokens", "0"], "--tokens must be in 1..576")])
+def test_bench_bad_inputs_are_one_line_errors(tiny_llm_bundle: Path, tmp_path: Path, capsys, extra: list[str],
+                                              message: str) -> None:
+    from tools.bench import main
+
+    assert main(["--model", str(tiny_llm_bundle), "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert io.StringIO  # noqa: B018 (io is used by csv above in other tests)

@@ -1,0 +1,310 @@
+"""Measured per-stage breakdown of image → answer, per strategy and budget, and libmtmd side by side.
+
+``python tools/bench.py --model BUNDLE [--gguf PATH] [--strategies S ...] [--tokens 64 128 192]
+[--images N] [--repeats R] [--decode-tokens D] [--threads N] [--out DIR] [--mtmd [--hf-model CKPT]]``
+
+Per image and repeat: preprocess and encode (shared by every strategy: measured once per image
+and repeat), then per strategy and budget K the strategy itself (prune), the projector (all N
+rows for DivPrune/EntropyPrune/FastV, then the K kept ones), the probe (EntropyPrune, FastV),
+and llama.cpp: a fresh KV cache, prefill of the LLaVA-1.5 prompt with the K rows injected where
+``<image>`` stands, the first greedy token, then D greedy tokens (EOS ignored) for decode speed.
+Every number is the median over images × repeats; time to first token (image in → first token
+out) is the sum of the stage medians, first-token sampling included. Writes
+``bench.json``, ``bench.csv`` and ``bench.png`` (stacked bars) to --out, the table to stdout.
+
+``--gguf PATH`` swaps in another LLaMA GGUF (e.g. a 7B-shaped random Q4_0 from
+tools/make_random_gguf.py); the probe is cut from it (same layer as the bundle's). When its width
+differs from the projector's, the LLM stages get seeded random rows N(0, 0.02²) of its width
+instead of the projected ones, and the output says so; the vision stages stay real. ``--mtmd``
+adds the libmtmd comparison of tools/bench_mtmd.py on the bundle's own checkpoint (--hf-model,
+default the manifest's source directory).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.errors import InputError
+from runtime.llm import LlamaBackend, projector_out_dim
+from runtime.llm_bundle import open_language_model
+from runtime.pipeline import Pipeline
+from runtime.probe import DEFAULT_QUESTION, LlamaProbe, probe_from_manifest
+from runtime.strategies.registry import available, get_strategy
+from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
+from tools.benchlib import decode_greedy_ms, median, sample_images, timed_ms
+
+STAGES = ("preprocess", "encode", "prune", "projector", "probe", "prefill", "first_token")
+RANDOM_ROW_STD = 0.02  # projected LLaVA rows are roughly this size (as tools/bench_llm.py)
+PROMPT_ROOM = 512  # context positions reserved for the prompt text around the image rows
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure (CLI flags map one to one)."""
+
+    bundle: Path
+    gguf: Path | None = None
+    strategies: tuple[str, ...] = ()  # empty: every registered strategy
+    tokens: tuple[int, ...] = (64, 128, 192)
+    images: int = 2
+    repeats: int = 3
+    decode_tokens: int = 16
+    threads: int | None = None
+    question: str = DEFAULT_QUESTION
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1 or not self.tokens:
+            raise InputError(f"need --images, --repeats, --decode-tokens >= 1 and some --tokens; got {self.images}, "
+                             f"{self.repeats}, {self.decode_tokens}, {list(self.tokens)}")
+        for name in self.strategies:
+            get_strategy(name)  # unknown names: one line listing the valid ones
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """Medians of one (strategy, K)."""
+
+    strategy: str
+    tokens: int  # K rows fed to the LLM
+    stages_ms: Mapping[str, float]  # every name in STAGES (0.0 where the stage does not run)
+    ttft_ms: float  # the sum of stages_ms
+    decode_tokens_per_s: float
+    prefill_positions: int  # prompt tokens + K
+    runs: int  # images × repeats behind each median
+
+
+@dataclass(frozen=True)
+class LlmInfo:
+    """The language model the LLM stages ran on."""
+
+    path: str
+    n_embd: int
+    projector_dim: int
+    probe: str  # where the probe came from
+
+    @property
+    def random_rows(self) -> bool:
+        return self.n_embd != self.projector_dim
+
+    def note(self) -> str:
+        if not self.random_rows:
+            return f"LLM {Path(self.path).name} (n_embd {self.n_embd}) fed the projected rows"
+        return (f"LLM {Path(self.path).name} has n_embd {self.n_embd} ≠ projector width {self.projector_dim}: "
+                f"its stages (probe, prefill, decode) got random rows N(0, {RANDOM_ROW_STD}²) of width "
+                f"{self.n_embd}; preprocess, encode, prune and projector are real")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    llm: LlmInfo
+    rows: tuple[StageRow, ...]
+    skipped: tuple[str, ...] = ()  # strategies that could not run, with the reason
+    mtmd: Mapping[str, Any] | None = field(default=None)
+
+
+@dataclass
+class _Llm:
+    """Open native handles of one run (closed by the ExitStack that built it)."""
+
+    backend: LlamaBackend
+    prompt: PromptTokens
+    info: LlmInfo
+    rows_for: Callable[[np.ndarray], np.ndarray]  # projected rows [M, E] -> rows the LLM gets
+    probe: Callable[[np.ndarray], Any] | None
+
+
+def _random_rows(count: int, width: int) -> np.ndarray:
+    return (np.random.default_rng(0).standard_normal((count, width)) * RANDOM_ROW_STD).astype(np.float32)
+
+
+def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int) -> LlamaProbe:
+    """A probe cut from ``--gguf`` at the bundle's probe layer, in a temporary directory."""
+    from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
+
+    layer = int(manifest.llm["probe"]["layer"])
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-probe-")))
+    log(f"cutting a probe (blocks 0..{layer - 1}) from {config.gguf}")
+    write_probe_gguf(config.gguf, tmp / "probe.gguf", layer)
+    save_probe_weights(tmp / "probe_weights.npz", read_probe_weights(config.gguf, layer))
+    probe = LlamaProbe(tmp / "probe.gguf", tmp / "probe_weights.npz", n_threads=config.threads, n_ctx=n_ctx)
+    stack.callback(probe.close)
+    return probe
+
+
+def _open_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool) -> _Llm:
+    """The bundle's GGUF (or --gguf), the prompt tokens, the row feeder and the probe callable."""
+    n_ctx = manifest.vision.num_patches + PROMPT_ROOM + config.decode_tokens
+    width = projector_out_dim(manifest.data) or 0
+    segments = conversation_segments(Conversation().ask(config.question), get_template(manifest.chat_template))
+    if config.gguf is not None:
+        return _open_other_llm(config, manifest, stack, wants_probe, n_ctx, segments)
+    backend = open_language_model(manifest.root, manifest.data, n_threads=config.threads, n_ctx=n_ctx)
+    stack.callback(backend.close)
+    probe = probe_from_manifest(manifest, config.question, n_threads=config.threads) if wants_probe else None
+    info = LlmInfo(str(backend.path), backend.n_embd, width, "the bundle's probe.gguf")
+    return _Llm(backend, encode_prompt(segments, backend), info, lambda rows: rows, probe)
+
+
+def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool, n_ctx: int,
+                    segments: tuple) -> _Llm:
+    """--gguf: its own probe, and random rows of its width when that differs from the projector's."""
+    backend = LlamaBackend(config.gguf, n_ctx=n_ctx, n_threads=config.threads)
+    stack.callback(backend.close)
+    info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0,
+                   f"cut from {Path(config.gguf).name}")
+    random = _random_rows(manifest.vision.num_patches, backend.n_embd) if info.random_rows else None
+    rows_for = (lambda rows: random[: rows.shape[0]]) if random is not None else (lambda rows: rows)
+    probe = None
+    if wants_probe and isinstance(manifest.llm, dict) and "probe" in manifest.llm:
+        cut = _cut_probe(config, manifest, stack, n_ctx)
+        tokens = encode_prompt(segments, cut.backend)
+        bound = cut.bind(tokens.prefix, tokens.suffix)
+        probe = lambda rows: bound(rows_for(rows))  # noqa: E731
+    return _Llm(backend, encode_prompt(segments, backend), info, rows_for, probe)
+
+
+@dataclass(frozen=True)
+class _Vision:
+    """The shared stages: encoded images and their per-run preprocess / encode times."""
+
+    encoded: list[Any]
+    preprocess_ms: list[float]
+    encode_ms: list[float]
+
+
+def _vision(pipeline: Pipeline, images: list[Image.Image], repeats: int) -> _Vision:
+    encoded, pre, enc = [], [], []
+    for image in images:
+        encoded.append(pipeline.encoder.encode(pipeline.pixel_values(image)))  # warm-up; the strategies' input
+        for _ in range(repeats):
+            pixels, ms = timed_ms(lambda im=image: pipeline.pixel_values(im))
+            pre.append(ms)
+            enc.append(timed_ms(lambda px=pixels: pipeline.encoder.encode(px))[1])
+    return _Vision(encoded, pre, enc)
+
+
+def _llm_run(llm: _Llm, rows: np.ndarray, decode_tokens: int) -> dict[str, float]:
+    """Prefill prefix + rows + suffix from an empty cache, first greedy token, then greedy decode."""
+    backend, prompt = llm.backend, llm.prompt
+    backend.reset()
+
+    def prefill() -> None:
+        backend.eval_tokens(prompt.prefix)
+        backend.eval_embeddings(rows)
+        backend.eval_tokens(prompt.suffix)
+
+    prefill_ms = timed_ms(prefill)[1]
+    first_ms = timed_ms(lambda: int(np.argmax(backend.logits())))[1]
+    return {"prefill": prefill_ms, "first_token": first_ms, "decode": decode_greedy_ms(backend, decode_tokens)}
+
+
+def _measure(pipeline: Pipeline, llm: _Llm, vision: _Vision, strategy: str, k: int, config: BenchConfig) -> StageRow:
+    """All images × repeats of one (strategy, K) -> medians."""
+    runs: list[dict[str, float]] = []
+    for encoded in vision.encoded:
+        for _ in range(config.repeats):
+            pruned = pipeline.prune_encoded(encoded, k, strategy, llm.probe)
+            t = pruned.timings_ms
+            run = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"],
+                   "probe": t.get("probe", 0.0)}
+            runs.append(run | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens))
+    pre, enc = median(vision.preprocess_ms), median(vision.encode_ms)
+    stages = {"preprocess": pre, "encode": enc} | {s: median([r[s] for r in runs]) for s in STAGES[2:]}
+    positions = len(llm.prompt.prefix) + k + len(llm.prompt.suffix)
+    tokens_per_s = config.decode_tokens / (median([r["decode"] for r in runs]) / 1000.0)
+    return StageRow(strategy, k, stages, sum(stages.values()), tokens_per_s, positions, len(runs))
+
+
+def run_bench(config: BenchConfig) -> BenchResult:
+    """Measure every (strategy, K) of ``config``; see the module docstring."""
+    pipeline = Pipeline(config.bundle, threads=config.threads)
+    for k in config.tokens:
+        pipeline.check_budget(k)
+    names = config.strategies or tuple(sorted(available(), key=lambda s: s != "none"))  # baseline first
+    with ExitStack() as stack:
+        llm = _open_llm(config, pipeline.manifest, stack, any(get_strategy(s).needs_probe for s in names))
+        skipped = tuple(f"{s}: needs the probe (export.llm)" for s in names
+                        if get_strategy(s).needs_probe and llm.probe is None)
+        plan = [(s, k) for s in names if not any(x.startswith(f"{s}:") for x in skipped)
+                for k in ((pipeline.num_patches,) if s == "none" else config.tokens)]
+        log(f"{len(plan)} (strategy, K) pairs × {config.images} images × {config.repeats} repeats; {llm.info.note()}")
+        images = [Image.fromarray(a) for a in sample_images(config.images)]
+        vision = _vision(pipeline, images, config.repeats)
+        first = plan[0]
+        _llm_run(llm, llm.rows_for(pipeline.prune_encoded(vision.encoded[0], first[1], first[0], llm.probe)
+                                   .embeddings), 1)  # warm-up
+        rows = []
+        for strategy, k in plan:
+            rows.append(_measure(pipeline, llm, vision, strategy, k, config))
+            log(f"  {strategy} K={k}: time to first token {rows[-1].ttft_ms:.1f} ms")
+    return BenchResult(config, llm.info, tuple(rows), skipped)
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="tools/bench.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="bundle directory (export.clip + export.llm)")
+    parser.add_argument("--gguf", type=Path, default=None, help="another LLaMA GGUF for the LLM stages "
+                        "(default: the bundle's); of another width it gets random rows")
+    parser.add_argument("--strategies", nargs="+", default=[], help="strategies to run (default: all registered)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 192], help="budgets K (default: 64 128 192)")
+    parser.add_argument("--images", type=int, default=2, help="sample photos to run (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per image, medians taken (default: 3)")
+    parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode run (default: 16)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for onnxruntime and llama.cpp "
+                        "(default: their own defaults)")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
+    parser.add_argument("--mtmd", action="store_true", help="also compare with llama.cpp's libmtmd (default: off)")
+    parser.add_argument("--hf-model", type=Path, default=None,
+                        help="HF checkpoint for --mtmd (default: the manifest's source directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
+
+        config = BenchConfig(args.model, args.gguf, tuple(args.strategies), tuple(args.tokens), args.images,
+                             args.repeats, args.decode_tokens, args.threads)
+        result = run_bench(config)
+        if args.mtmd:
+            result = _with_mtmd(result, args.hf_model, args.out)
+        paths = write_outputs(result, args.out)
+        print(result_markdown(result))
+        if result.mtmd is not None:
+            print("\n" + mtmd_markdown(result.mtmd))
+        log("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+
+    return run_cli(body, "bench")
+
+
+def _with_mtmd(result: BenchResult, hf_model: Path | None, out: Path) -> BenchResult:
+    """``result`` plus the libmtmd comparison (tools/bench_mtmd.py) on the bundle's checkpoint."""
+    import dataclasses
+
+    from runtime.manifest import load_manifest
+    from tools.bench_mtmd import compare_with_mtmd
+
+    source = hf_model or Path(str(load_manifest(result.config.bundle).data.get("source", {}).get("model", "")))
+    if not (source / "config.json").is_file():
+        raise InputError(f"--mtmd needs the Hugging Face checkpoint of the bundle; pass --hf-model (got {source})")
+    log(f"libmtmd side by side on {source}")
+    report = compare_with_mtmd(result.config.bundle, source, out, result.config.images, result.config.repeats,
+                               result.config.threads)
+    return dataclasses.replace(result, mtmd=report)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
