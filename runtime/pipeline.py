@@ -115,8 +115,8 @@ class Pipeline:
         budget = self.check_budget(tokens if strategy != "none" else encoded.num_patches)
         opts = self.options_for(strategy, options)
         if chosen.needs_probe and probe is None:
-            raise InputError(f"strategy {strategy!r} needs the language model (run export.llm, then use runtime.chat "
-                             "or pass --gguf)")
+            raise InputError(f"strategy {strategy!r} needs the language-model probe: run "
+                             f"python -m export.llm --model ALIAS --out {self.manifest.root}")
         inputs = PruneInputs(encoded, timer.wrap("project_all", self.projector),
                              timer.wrap("probe", probe) if probe else None)
         with timer.stage("prune"):

@@ -18,9 +18,10 @@ from runtime.atomic import write_atomic
 from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
+from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.registry import bundle_path
 from runtime.session import available_providers
-from runtime.strategies.registry import available
+from runtime.strategies.registry import available, get_strategy
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,12 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     add_pipeline_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--save", type=Path, default=None, help="write embeddings and indices to OUT.npz")
+    parser.add_argument("--question", default=DEFAULT_QUESTION,
+                        help=f"prompt the probe strategies (entropyprune, fastv) see (default: {DEFAULT_QUESTION!r})")
     args = parser.parse_args(argv)
 
     def body() -> int:
         image = load_image(args.image)  # a bad image fails before the sessions load
         pipeline = Pipeline(bundle_path(args.model), args.provider, args.threads, args.int8)
-        result = pipeline.prune(image, args.tokens, args.strategy, **method_options(args))
+        probe = None
+        if get_strategy(args.strategy).needs_probe:  # EntropyPrune/FastV: the bundle's llama.cpp probe
+            probe = probe_from_manifest(pipeline.manifest, args.question, n_threads=args.threads)
+        result = pipeline.prune(image, args.tokens, args.strategy, probe, **method_options(args))
         print(json.dumps(result_json(result)) if args.json else summary(result))
         if args.save:
             save_npz(args.save, result)

@@ -132,3 +132,17 @@ def test_bad_bundles_are_one_line(tiny_bundle: Path, photo_path: Path, tmp_path:
         assert main([str(photo_path), "--model", str(bundle)]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize("strategy", ["entropyprune", "fastv"])
+def test_probe_strategies_use_the_bundle_probe(tiny_llm_bundle: Path, photo_path: Path, capsys, strategy: str) -> None:
+    result = run_json(capsys, str(photo_path), "--model", str(tiny_llm_bundle), "--strategy", strategy)
+    assert result["strategy"] == strategy and len(result["kept"]) == 64 and result["kept"] == sorted(result["kept"])
+    assert result["timings_ms"]["probe"] > 0 and "project_all" in result["timings_ms"]
+
+
+def test_probe_strategy_without_language_model_is_one_line(tiny_bundle: Path, photo_path: Path, capsys) -> None:
+    assert main([str(photo_path), "--model", str(tiny_bundle), "--strategy", "entropyprune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs the language-model probe" in err[0] and "export.llm" in err[0], err
