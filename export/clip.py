@@ -21,7 +21,7 @@ from runtime.atomic import write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError, UserError
 from runtime.manifest import MANIFEST
-from runtime.registry import default_bundle_dir, known_aliases
+from runtime.registry import bundles_home, default_bundle_dir, known_aliases
 
 DEFAULT_OPSET = 18
 STEPS = 5
@@ -47,8 +47,13 @@ def _check_out(out: Path, force: bool) -> None:
 
 def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET, int8: bool = False,
                 validate: bool = True, force: bool = False) -> ExportResult:
-    """Export, validate and write the bundle; returns where it went and what it says."""
-    from export.load import load_llava, resolve_model
+    """Export, validate and write the bundle; returns where it went and what it says.
+
+    Memory: only the vision tower and projector are ever loaded (never the language model),
+    in a child process that exits before onnxruntime validates and int8 quantisation runs, so
+    the peak is the larger of the two halves, not their sum.
+    """
+    from export.load import resolve_model
 
     if out is not None:
         _check_out(out, force)
@@ -56,38 +61,35 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     resolved = resolve_model(model)
     out = out or default_bundle_dir(resolved.spec.alias)
     _check_out(out, force)
-    log(f"[2/{STEPS}] loading {resolved.path}")
-    hf_model = load_llava(resolved.path)
+    log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
-        manifest, table = _build(hf_model, resolved, staging, opset, int8, validate)
+        manifest, table = _build(resolved, staging, opset, int8, validate)
         _install(staging, out, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(out, manifest, table)
 
 
-def _build(hf_model, resolved, staging: Path, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
+def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
+    """Trace (in a child), validate, (int8) and describe the graphs."""
     from export.manifest import build_manifest, graph_io
-    from export.onnx_export import export_projector, export_vision, quantize_int8
-    from export.validate import format_table, int8_report, validate_export
-    from export.vision import Projector, VisionTowerWithAttention, feature_layer_index
+    from export.onnx_export import quantize_int8
+    from export.torch_stage import run_in_child
+    from export.validate import check_graphs, format_table, int8_report
 
-    vc = hf_model.config.vision_config
-    f = feature_layer_index(hf_model.config.vision_feature_layer, vc.num_hidden_layers)
-    log(f"[3/{STEPS}] exporting vision.onnx (blocks 1..{f} of {vc.num_hidden_layers}) and projector.onnx")
-    vision_files = export_vision(VisionTowerWithAttention(hf_model.model.vision_tower, f).eval(),
-                                 staging / "vision.onnx", vc.image_size, opset)
-    export_projector(Projector(hf_model.model.multi_modal_projector).eval(), staging / "projector.onnx",
-                     vc.hidden_size, opset)
+    traced = run_in_child(resolved.path, staging, opset, validate, STEPS)
+    vc = traced.config.vision_config
     files: dict[str, str | None] = {"vision": "vision.onnx", "projector": "projector.onnx"}
-    files.update({f"vision_data_{i}": p.name for i, p in enumerate(vision_files) if p.name != "vision.onnx"})
+    files.update({f"vision_data_{i}": name for i, name in enumerate(traced.vision_files) if name != "vision.onnx"})
+    files.update({f"projector_data_{i}": name for i, name in enumerate(traced.projector_files)
+                  if name != "projector.onnx"})
     validation: dict[str, Any] = {"performed": validate, "checks": []}
     table = ""
     if validate:
         log(f"[4/{STEPS}] validating onnxruntime against PyTorch")
-        checks = validate_export(hf_model, staging / "vision.onnx", staging / "projector.onnx", f, vc.image_size)
+        checks = check_graphs(traced.references, staging / "vision.onnx", staging / "projector.onnx", vc.image_size)
         table = format_table(checks)
         validation["checks"] = [c.to_json() for c in checks]
         if not all(c.ok for c in checks):
@@ -100,9 +102,11 @@ def _build(hf_model, resolved, staging: Path, opset: int, int8: bool, validate: 
         log("       quantising vision.int8.onnx (dynamic int8)")
         quantize_int8(staging / "vision.onnx", staging / "vision.int8.onnx")
         files["vision_int8"] = "vision.int8.onnx"
+        files.update({f"vision_int8_data_{i}": p.name for i, p in
+                      enumerate(sorted(staging.glob("vision.int8.onnx?*")))})
         validation["int8"] = int8_report(staging / "vision.onnx", staging / "vision.int8.onnx", vc.image_size)
     io = {"vision": graph_io(staging / "vision.onnx"), "projector": graph_io(staging / "projector.onnx")}
-    return build_manifest(resolved, hf_model, f, opset, files, io, validation), table
+    return build_manifest(resolved, traced.config, traced.feature_layer, opset, files, io, validation), table
 
 
 def _install(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
@@ -126,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m export.clip", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
                         help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint directory")
-    parser.add_argument("--out", type=Path, default=None, help="bundle directory (default: models/<alias>/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="bundle directory (default: $ENTROPRUNE_BUNDLES/NAME, else "
+                             "~/.cache/entroprune/bundles/NAME; NAME = the alias or the checkpoint folder's name)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument("--int8", action="store_true", help="also write vision.int8.onnx (default: off)")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         if int8:
             print(f"int8: feature cosine {int8['feature_cosine']:.4f}, "
                   f"top-{int8['top_k']} CLS overlap {int8['cls_topk_overlap']}/{int8['top_k']}")
-        print(f"bundle written to {result.out}")
+        name = f" (use --model {result.out.name})" if result.out.parent == bundles_home() else ""
+        print(f"bundle written to {result.out}{name}")
         return 0
 
     return run_cli(body, "export.clip")

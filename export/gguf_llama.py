@@ -9,14 +9,16 @@ are interleaved here. Weights are written as f32 (``dtype="f32"``) or f16 (2-D) 
 
 from __future__ import annotations
 
-import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
+from export.checkpoint import Checkpoint
 from export.gguf_vocab import SpmVocab, read_spm_vocab
 from runtime.atomic import atomic_path
 from runtime.errors import ModelNotFoundError
@@ -112,35 +114,15 @@ def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-class CheckpointTensors:
+class CheckpointTensors(Checkpoint):
     """Lazy access to the language-model tensors of a (sharded) safetensors checkpoint."""
 
     def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        elif (model_dir / "model.safetensors").is_file():
-            weight_map = None
-        else:
-            raise ModelNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._handles = {name: safe_open(str(model_dir / name), framework="pt") for name in files}
-        self._where = weight_map or {k: files[0] for k in self._handles[files[0]].keys()}
-        self.prefix = next((p for p in DECODER_PREFIXES if f"{p}embed_tokens.weight" in self._where), None)
+        super().__init__(model_dir)
+        self.prefix = next((p for p in DECODER_PREFIXES if f"{p}embed_tokens.weight" in self), None)
         if self.prefix is None:
             raise ModelNotFoundError(f"{model_dir}: no LLaMA embed_tokens weight under {DECODER_PREFIXES}")
-        self.lm_head = next((k for k in LM_HEAD_KEYS if k in self._where), None)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[key]].get_slice(key).get_shape())
-
-    def load(self, key: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16/f16 upcast)."""
-        import torch
-
-        return self._handles[self._where[key]].get_tensor(key).to(torch.float32).numpy()
+        self.lm_head = next((k for k in LM_HEAD_KEYS if k in self), None)
 
 
 Plan = list[tuple[str, str, Callable[[np.ndarray], np.ndarray]]]  # gguf name, HF key, transform
@@ -194,9 +176,10 @@ def write_llama_gguf(
     out: Path,
     dtype: str = "f16",
     permute: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> LlamaHParams:
-    """Convert the checkpoint's language model into one GGUF at ``out`` (f32 or f16).
+    """Convert the checkpoint's language model into one GGUF at ``out`` (f32 or f16); ``progress``
+    shows a tqdm bar over the bytes written (stderr).
 
     ``permute=False`` skips the q/k permutation; it exists only for the negative-control test.
     """
@@ -226,9 +209,10 @@ def _stream(
     path: Path,
     dtype: str,
     model_name: str,
-    progress: Callable[[str], None] | None,
+    progress: bool,
 ) -> None:
-    """Write header, metadata and tensor infos, then each tensor as it is loaded."""
+    """Write header, metadata and tensor infos, then each tensor as it is loaded (one at a time:
+    the largest, a 7B's embedding table, is ~0.5 GB in float32)."""
     writer = gguf.GGUFWriter(path, "llama")
     add_hparams(writer, hp, hp.n_layer, dtype, model_name)
     vocab.add_to(writer)
@@ -239,9 +223,14 @@ def _stream(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for step, (name, key, fix) in enumerate(plan):
-        if progress and (step % 50 == 0 or step == len(plan) - 1):
-            progress(f"  tensor {step + 1}/{len(plan)}: {name}")
-        data = fix(tensors.load(key))
-        writer.write_tensor_data(np.ascontiguousarray(data.astype(_out_dtype(data.shape, dtype), copy=False)))
+    total = sum(int(np.prod(tensors.shape(key))) * np.dtype(_out_dtype(tensors.shape(key), dtype)).itemsize
+                for _, key, _ in plan)
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"  writing {dtype} GGUF", file=sys.stderr,
+              disable=not progress) as bar:
+        for _name, key, fix in plan:
+            data = fix(tensors.load(key))
+            data = np.ascontiguousarray(data.astype(_out_dtype(data.shape, dtype), copy=False))
+            writer.write_tensor_data(data)
+            bar.update(data.nbytes)
+            del data
     writer.close()

@@ -13,18 +13,23 @@ f16), quantises with ``llama_model_quantize`` and records everything under ``man
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
 import llama_cpp
+import numpy as np
 
-from export.gguf_llama import read_hparams, write_llama_gguf
+from export.diskspace import clean_stale_intermediates, link_or_copy, require_free
+from export.gguf_llama import CheckpointTensors, read_hparams, tensor_plan, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 from runtime.atomic import atomic_path, write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
@@ -36,6 +41,8 @@ from runtime.registry import default_bundle_dir, is_local_path, known_aliases, l
 QUANTS = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "f16": 1, "f32": 0}  # llama_ftype values
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
+BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q4_0": 4.5, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}  # for the disk estimate
+_QUANT_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -55,15 +62,41 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, progress: bool = False) -> None:
     """f32/f16 GGUF ``src`` -> ``dst`` in ``quant`` with llama.cpp's ``llama_model_quantize``
-    (``threads=0``: all cores)."""
+    (``threads=0``: all cores); ``progress`` shows a bar over tensors, read off llama.cpp's log."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    with _tensor_progress(progress, f"quantising to {quant}"):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise BundleError(f"llama_model_quantize({src.name} -> {quant}) failed with code {rc}")
+
+
+@contextlib.contextmanager
+def _tensor_progress(enabled: bool, label: str):
+    """While llama.cpp quantises, turn its "[  i/  n] name ..." log lines into a tqdm bar."""
+    if not enabled:
+        yield
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(desc=f"  {label}", unit="tensor", file=sys.stderr, leave=True)
+
+    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        match = _QUANT_LINE.search(text.decode("utf-8", "replace")) if text else None
+        if match:
+            bar.total = int(match.group(2))
+            bar.update(int(match.group(1)) - bar.n)
+
+    callback = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        set_llama_logging(False)
+        bar.close()
 
 
 def _load_manifest(out: Path, model: str) -> dict[str, Any]:
@@ -130,34 +163,57 @@ def _probe(src: Path, out: Path, p: int) -> dict[str, Any]:
     }
 
 
-def _convert(model_dir: Path, out: Path, quant: str, p: int) -> tuple[Path, dict[str, Any]]:
-    """Checkpoint -> llm-<quant>.gguf (via an f16 intermediate when quantising) and the probe."""
+def _disk_needs(model_dir: Path, quant: str, p: int) -> dict[str, int]:
+    """Bytes the conversion will hold on disk at its peak, by file (read from tensor shapes only)."""
+    hp = read_hparams(model_dir)
+    tensors = CheckpointTensors(model_dir)
+    sizes = [int(np.prod(tensors.shape(key))) for _, key, _ in tensor_plan(tensors, hp)]
+    params, embd = sum(sizes), hp.n_vocab * hp.n_embd
+    per_layer = (params - embd * (1 if hp.tie_embeddings else 2)) / hp.n_layer
+    needs = {f"llm-{quant}.gguf": int(params * BITS_PER_WEIGHT[quant] / 8)}
+    if quant not in ("f32", "f16"):
+        needs = {"f16 intermediate": 2 * params, **needs}
+    probe_bytes = 4 if quant == "f32" else 2
+    needs["probe"] = int(probe_bytes * (embd + (p - 1) * per_layer))
+    return needs
+
+
+def _convert(model_dir: Path, out: Path, quant: str, p: int, progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint -> llm-<quant>.gguf (via an f16 intermediate when quantising) and the probe.
+
+    The intermediate is deleted when done, when anything fails and on SIGTERM (the CLI turns
+    it into KeyboardInterrupt); one left by a kill -9 is removed by the next run.
+    """
     target = out / f"llm-{quant}.gguf"
     if quant in ("f32", "f16"):
         log(f"[1/3] converting {model_dir} -> {target.name}")
-        write_llama_gguf(model_dir, target, quant, progress=log)
+        write_llama_gguf(model_dir, target, quant, progress=progress)
         return target, _probe(target, out, p)
     middle = out / f".llm-f16-{os.getpid()}.gguf"
     try:
         log(f"[1/3] converting {model_dir} -> f16 intermediate")
-        write_llama_gguf(model_dir, middle, "f16", progress=log)
+        write_llama_gguf(model_dir, middle, "f16", progress=progress)
         probe = _probe(middle, out, p)
         log(f"[2/3] quantising -> {target.name}")
         with atomic_path(target) as tmp:
-            quantize_gguf(middle, tmp, quant)
+            quantize_gguf(middle, tmp, quant, progress=progress)
     finally:
         middle.unlink(missing_ok=True)
     return target, probe
 
 
 def _validate(llm: Path, probe: Path, n_embd: int) -> str:
-    """Load both files in llama.cpp; a markdown table of the checks."""
+    """Load both files in llama.cpp; a markdown table of the checks.
+
+    The language model is memory-mapped without repacking, so checking a 7B file costs no
+    anonymous memory (repacking would copy all weights: ~4 GB for a Q4 7B).
+    """
     rows = []
-    with LlamaBackend(llm, n_ctx=64) as backend:
+    with LlamaBackend(llm, n_ctx=64, load="mmap", repack=False) as backend:
         rows.append(("llm loads in llama.cpp", True, f"n_embd {backend.n_embd}, n_vocab {backend.n_vocab}"))
         rows.append(("llm n_embd = projector width", backend.n_embd == n_embd, str(n_embd)))
         ids = backend.tokenize("USER: hello ASSISTANT:")
-    with LlamaBackend(probe, n_ctx=64, embeddings=True) as probe_backend:
+    with LlamaBackend(probe, n_ctx=64, embeddings=True, load="mmap", repack=False) as probe_backend:
         probe_backend.eval_tokens(ids, output_all=True)
         shape = probe_backend.hidden_states().shape
         rows.append(("probe runs (hidden states)", shape == (len(ids), n_embd), str(shape)))
@@ -168,55 +224,65 @@ def _validate(llm: Path, probe: Path, n_embd: int) -> str:
     return "\n".join(lines + [f"| {name} | ✓ | {value} |" for name, _, value in rows])
 
 
-def _model_facts(model: str, convert: bool) -> tuple[Path | None, int, str]:
-    """Checkpoint dir (only when converting), P and the bundle alias for ``--model``."""
+def _bundle_for(model: str | None, out: Path | None, convert: bool) -> tuple[Path | None, str | None, Path]:
+    """Checkpoint dir (only when converting), the registry alias (if any) and the bundle folder."""
+    if model is None:
+        if out is None:
+            raise InputError("--gguf without --model needs --out BUNDLE (the folder export.clip wrote)")
+        return None, None, Path(out)
     if convert:
         from export.load import resolve_model
 
         resolved = resolve_model(model)
-        return resolved.path, resolved.spec.entropyprune_layer, resolved.spec.alias
+        alias = model if model in known_aliases() else None
+        return resolved.path, alias, Path(out) if out is not None else default_bundle_dir(resolved.spec.alias)
     if model in known_aliases():
-        return None, load_spec(model).entropyprune_layer, model
-    if not is_local_path(model):
+        return None, model, Path(out) if out is not None else default_bundle_dir(model)
+    if not is_local_path(model) and not default_bundle_dir(model).is_dir():
         load_spec(model)  # one-line "unknown model" listing the aliases
-    return None, DEFAULT_P, Path(model).name
+    return None, None, Path(out) if out is not None else default_bundle_dir(Path(model).name)
+
+
+def _entropyprune_layer(alias: str | None, manifest: dict[str, Any]) -> int:
+    """P: the registry's for an alias, else the bundle's (export.clip recorded it), else 2."""
+    if alias is not None:
+        return load_spec(alias).entropyprune_layer
+    value = manifest.get("entropyprune_layer", DEFAULT_P)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise BundleError(f"the bundle's entropyprune_layer {value!r} is not an integer >= 2; re-run export.clip")
+    return value
 
 
 def export_llm(
-    model: str,
+    model: str | None,
     quant: str | None = None,
     out: Path | None = None,
     gguf_path: Path | None = None,
     force: bool = False,
     verbose: bool = False,
+    progress: bool = False,
 ) -> LlmExport:
     """Convert (or register ``gguf_path``) into bundle ``out`` and update its manifest["llm"]."""
+    if gguf_path is None and model is None:
+        raise InputError("give --model (the checkpoint to convert) or --gguf (an existing GGUF to register)")
     if gguf_path is not None and quant is not None:
         raise InputError("--quant does not apply with --gguf (the registered file's own type is recorded)")
     set_llama_logging(verbose)
-    model_dir, p, alias = _model_facts(model, convert=gguf_path is None)
-    out = Path(out) if out is not None else default_bundle_dir(alias)
-    manifest = _load_manifest(out, model)
+    model_dir, alias, out = _bundle_for(model, out, convert=gguf_path is None)
+    manifest = _load_manifest(out, model or "CHECKPOINT")
+    p = _entropyprune_layer(alias, manifest)
+    clean_stale_intermediates(out)
     if gguf_path is not None:
         target, probe, source = _register(Path(gguf_path).expanduser(), out, manifest, p)
     else:
-        quant = quant or _default_quant(model)
-        if quant not in QUANTS:
-            raise InputError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
-        hp = read_hparams(model_dir)
-        _check_width(hp.n_embd, manifest)
-        if not 2 <= p <= hp.n_layer:
-            raise InputError(f"entropyprune_layer P={p} must be in 2..{hp.n_layer} (the probe keeps P-1 >= 1 layers)")
-        existing = out / f"llm-{quant}.gguf"
-        if existing.exists() and not force:
-            raise InputError(f"{existing} exists; pass --force to overwrite it")
-        target, probe = _convert(model_dir, out, quant, p)
+        target, probe = _convert_checked(model_dir, out, quant or _default_quant(model), p, force, manifest,
+                                         progress)
         source = model
     facts = _gguf_facts(target)
     log("[3/3] validating in llama.cpp and writing the manifest")
     table = _validate(target, out / PROBE_GGUF, facts["n_embd"])
     entry = {
-        "gguf": target.name if target.parent.resolve() == out.resolve() else str(target.resolve()),
+        "gguf": target.name,
         "quant": facts["quant"],
         "sha256": sha256(target),
         "n_embd": facts["n_embd"],
@@ -229,26 +295,48 @@ def export_llm(
     return LlmExport(out, entry, table)
 
 
+def _convert_checked(model_dir: Path, out: Path, quant: str, p: int, force: bool, manifest: dict[str, Any],
+                     progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Refuse what cannot work before writing anything (type, width, P, overwrite, free disk)."""
+    if quant not in QUANTS:
+        raise InputError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+    hp = read_hparams(model_dir)
+    _check_width(hp.n_embd, manifest)
+    if not 2 <= p <= hp.n_layer:
+        raise InputError(f"entropyprune_layer P={p} must be in 2..{hp.n_layer} (the probe keeps P-1 >= 1 layers)")
+    existing = out / f"llm-{quant}.gguf"
+    if existing.exists() and not force:
+        raise InputError(f"{existing} exists; pass --force to overwrite it")
+    require_free(out, _disk_needs(model_dir, quant, p), "free some space or pass --out on a larger disk")
+    return _convert(model_dir, out, quant, p, progress)
+
+
 def _default_quant(model: str) -> str:
     return load_spec(model).gguf_quant if model in known_aliases() else "q4_k_m"
 
 
 def _register(path: Path, out: Path, manifest: dict[str, Any], p: int) -> tuple[Path, dict[str, Any], str]:
-    """An existing GGUF: check it, cut the probe from it as stored."""
+    """An existing GGUF: check it, put it into the bundle (hard link, else copy) so that the
+    bundle can be moved, and cut the probe from it as stored."""
     if not path.is_file():
         raise BundleError(f"no GGUF file at {path}")
     facts = _gguf_facts(path)
     if facts["arch"] != "llama":
         raise BundleError(f"{path} has architecture {facts['arch']!r}; only 'llama' GGUFs are supported")
     _check_width(facts["n_embd"], manifest)
-    log(f"[1/3] registering {path}")
-    return path, _probe(path, out, p), str(path)
+    target = out / f"llm-{facts['quant']}.gguf"
+    log(f"[1/3] registering {path} as {target.name}")
+    how = link_or_copy(path, target)
+    log(f"  {how} into {out}")
+    return target, _probe(target, out, p), str(path.resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m export.llm", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--model", required=True, help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint"
+        "--model", default=None,
+        help=f"registry alias ({', '.join(known_aliases())}) or a local HF LLaVA checkpoint "
+             "(optional with --gguf and --out)",
     )
     parser.add_argument(
         "--quant",
@@ -260,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="bundle directory holding export.clip's manifest.json (default: models/<alias>/)",
+        help="bundle directory holding export.clip's manifest.json (default: the bundle named after --model)",
     )
     parser.add_argument(
         "--gguf",
@@ -277,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        result = export_llm(args.model, args.quant, args.out, args.gguf, args.force, args.verbose)
+        result = export_llm(args.model, args.quant, args.out, args.gguf, args.force, args.verbose, progress=True)
         print(result.table)
         print(f"language model {result.entry['gguf']} ({result.entry['quant']}) and probe written to {result.out}")
         return 0

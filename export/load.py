@@ -47,7 +47,7 @@ def _download(spec: ModelSpec) -> Path:
     try:
         return Path(snapshot_download(spec.repo_id, revision=spec.revision))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        reason = " ".join(str(err).split()) or type(err).__name__  # the whole reason, on one line
         raise ModelNotFoundError(
             f"cannot download {spec.repo_id}@{spec.revision} from the Hugging Face hub ({reason}); "
             f"download it elsewhere and pass the local directory: --model /path/to/{spec.repo_id.split('/')[-1]}"
@@ -86,8 +86,86 @@ def spec_for_checkpoint(path: Path) -> ModelSpec:
     )
 
 
+@dataclass(frozen=True)
+class VisionHalf:
+    """What export.clip needs of a LLaVA: its config, the CLIP tower and the projector
+    (float32, eager attention) — never the language model."""
+
+    config: Any  # LlavaConfig
+    vision_tower: Any  # CLIPVisionModel
+    multi_modal_projector: Any  # LlavaMultiModalProjector
+
+    @classmethod
+    def of(cls, model: Any) -> VisionHalf:
+        """The vision half of a whole ``LlavaForConditionalGeneration`` (tests, the reference path)."""
+        return cls(model.config, model.model.vision_tower, model.model.multi_modal_projector)
+
+
+def load_vision_half(path: Path) -> VisionHalf:
+    """Build the CLIP tower and projector from the config and fill them with only their own
+    tensors, read one at a time from the shards (either key layout).
+
+    Peak memory is the float32 tower (~1.2 GB for ViT-L) whatever the language model's size:
+    loading the whole LLaVA-1.5-7B in float32 would take ~28 GB.
+    """
+    import torch
+    from transformers import AutoConfig, CLIPVisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from export.checkpoint import Checkpoint
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"cannot read the config of {path}: {str(err).splitlines()[0]}") from None
+    if getattr(config, "vision_config", None) is None or config.vision_config.model_type != "clip_vision_model":
+        raise ModelNotFoundError(f"{path} is not a LLaVA with a CLIP vision tower (config.json vision_config)")
+    config.vision_config._attn_implementation = "eager"  # the attention probabilities are exported
+    checkpoint = Checkpoint(path)
+    with torch.device("cpu"):
+        tower = CLIPVisionModel(config.vision_config)
+        projector = LlavaMultiModalProjector(config)
+    _fill(tower, checkpoint, "pre_layrnorm.weight")
+    _fill(projector, checkpoint, "linear_1.weight")
+    return VisionHalf(config, tower.float().eval(), projector.float().eval())
+
+
+def _fill(module: Any, checkpoint: Any, anchor: str) -> None:
+    """Copy the checkpoint's tensors into every parameter/persistent buffer of ``module``.
+
+    ``anchor`` is a name that ends one key of the module and one of the checkpoint; what stands in
+    front of it on either side is that side's prefix. This covers llava-hf's files
+    (``vision_tower.vision_model.*``), transformers 5's (``vision_tower.*`` saved,
+    ``model.vision_tower.*`` in memory) and a nested or flat ``CLIPVisionModel`` in memory.
+    """
+    import torch
+
+    state = module.state_dict()
+    inner = next(name[: -len(anchor)] for name in state if name.endswith(anchor))
+    outer = checkpoint.prefix(anchor)
+    key_of = {name: outer + name[len(inner):] for name in state if name.startswith(inner)}
+    stored = {key for key in checkpoint.under(outer) if not key.endswith("position_ids")}
+    missing = sorted(set(state) - set(key_of)) + sorted(set(key_of.values()) - stored)
+    unexpected = sorted(stored - set(key_of.values()))
+    if missing or unexpected:
+        raise ModelNotFoundError(
+            f"{checkpoint.model_dir}: tensors under {outer!r} do not match {type(module).__name__} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    with torch.no_grad():
+        for name, target in state.items():
+            value = torch.from_numpy(checkpoint.load(key_of[name]))
+            if tuple(value.shape) != tuple(target.shape):
+                raise ModelNotFoundError(
+                    f"{checkpoint.model_dir}: {key_of[name]} has shape {tuple(value.shape)}, "
+                    f"the config needs {tuple(target.shape)}"
+                )
+            target.copy_(value.to(target.dtype))
+
+
 def load_llava(path: Path):  # -> LlavaForConditionalGeneration
-    """Load the checkpoint in float32 with eager attention (the attention rows are needed)."""
+    """Load the *whole* checkpoint in float32 with eager attention (the PyTorch reference path and
+    tools on small models; export.clip uses :func:`load_vision_half`)."""
     import torch
     from transformers import LlavaForConditionalGeneration
 

@@ -61,10 +61,10 @@ def preprocess_constants(resolved: ResolvedModel, image_size: int) -> dict[str, 
     }
 
 
-def build_manifest(resolved: ResolvedModel, model, feature_layer: int, opset: int,
+def build_manifest(resolved: ResolvedModel, config: Any, feature_layer: int, opset: int,
                    files: dict[str, str | None], io: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    """The whole manifest as a JSON-able dict."""
-    vc = model.config.vision_config
+    """The whole manifest as a JSON-able dict (``config``: the checkpoint's LlavaConfig)."""
+    vc = config.vision_config
     grid = vc.image_size // vc.patch_size
     spec = resolved.spec
     return {
@@ -79,11 +79,11 @@ def build_manifest(resolved: ResolvedModel, model, feature_layer: int, opset: in
             "heads": vc.num_attention_heads, "hidden_size": vc.hidden_size,
             "head_dim": vc.hidden_size // vc.num_attention_heads, "patch_size": vc.patch_size,
             "image_size": vc.image_size, "grid": grid, "num_patches": grid * grid,
-            "projector_dim": model.config.text_config.hidden_size,
+            "projector_dim": config.text_config.hidden_size,
         },
         "preprocess": preprocess_constants(resolved, vc.image_size),
         "chat_template": spec.chat_template,
-        "image_token_index": int(model.config.image_token_index),
+        "image_token_index": int(config.image_token_index),
         "pruning": spec.pruning.to_json(),
         "entropyprune_layer": spec.entropyprune_layer,
         "validation": validation,

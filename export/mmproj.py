@@ -26,7 +26,6 @@ Decisions (our choices, checked against libmtmd in tests/test_bench.py):
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from export.checkpoint import Checkpoint
 from export.load import image_processor_config
 from runtime.atomic import atomic_path
 from runtime.cli import OneLineParser, log, run_cli
@@ -75,40 +75,6 @@ class MmprojInfo:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-
-class _Checkpoint:
-    """Lazy float32 access to the tensors of a (sharded) safetensors checkpoint."""
-
-    def __init__(self, model_dir: Path) -> None:
-        from safetensors import safe_open
-
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        elif (model_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ModelNotFoundError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
-        self._where = {}
-        for name in files:
-            handle = safe_open(str(model_dir / name), framework="pt")
-            self._where.update({key: handle for key in handle.keys()})
-
-    def prefix(self, suffix: str) -> str:
-        """The key prefix in front of ``suffix`` (e.g. ``vision_tower.`` or ``model.vision_tower.vision_model.``)."""
-        found = sorted(key[: -len(suffix)] for key in self._where if key.endswith(suffix))
-        if not found:
-            raise ModelNotFoundError(f"the checkpoint has no tensor ending in {suffix!r}; is it a LLaVA-1.5?")
-        return found[0]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
-
-    def load(self, key: str) -> np.ndarray:
-        import torch
-
-        return self._where[key].get_tensor(key).to(torch.float32).numpy()
 
 
 @dataclass(frozen=True)
@@ -156,7 +122,7 @@ def _name(kind: gguf.MODEL_TENSOR, suffix: str, bid: int | None = None) -> str:
     return (base.format(bid=bid) if bid is not None else base) + suffix
 
 
-def tensor_plan(ckpt: _Checkpoint, feature_layer: int, position_order: str) -> Plan:
+def tensor_plan(ckpt: Checkpoint, feature_layer: int, position_order: str) -> Plan:
     """GGUF name, checkpoint key and transform of every tensor, in file order."""
     keep: Callable[[np.ndarray], np.ndarray] = lambda w: w  # noqa: E731
     cls_last: Callable[[np.ndarray], np.ndarray] = lambda w: np.concatenate([w[1:], w[:1]])  # noqa: E731
@@ -206,7 +172,7 @@ def write_mmproj_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32"
     model_dir, out = Path(model_dir), Path(out)
     hp = _vision_hparams(model_dir)
     processor = image_processor_config(model_dir)
-    ckpt = _Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir)
     plan = tensor_plan(ckpt, hp.feature_layer, position_order)
     projector_dim = ckpt.shape(plan[-1][1])[0]
     with atomic_path(out) as tmp:

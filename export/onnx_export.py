@@ -8,6 +8,8 @@ The example batch is 2 so that the batch axis stays dynamic (a batch-1 example s
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import logging
 import sys
 import warnings
@@ -18,7 +20,11 @@ from torch import nn
 
 EXAMPLE_BATCH = 2  # a batch-1 example silently produces a static batch axis
 EXAMPLE_TOKENS = 7  # projector example length; K is dynamic
-SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which ONNX needs external data (2 GB cap)
+# Bytes of weights above which the graph keeps its weights in a ``.data`` file beside it. ONNX caps
+# one protobuf at 2 GB, and — what matters on a laptop — saving inline first builds the whole
+# model proto plus its serialised copy in memory (+3.5 GB for CLIP-L), while external data is
+# written straight from the tensors.
+EXTERNAL_DATA_BYTES = 64_000_000
 
 
 def _weights_bytes(module: nn.Module) -> int:
@@ -47,7 +53,7 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset
             module, args, dynamo=True, opset_version=opset, input_names=input_names,
             output_names=output_names, dynamic_shapes=dynamic_shapes, verbose=False,
         )
-        external = _weights_bytes(module) > SINGLE_FILE_LIMIT
+        external = _weights_bytes(module) > EXTERNAL_DATA_BYTES
         program.save(str(path), external_data=external)
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(path.name))
 
@@ -69,11 +75,22 @@ def export_projector(projector: nn.Module, path: Path, in_dim: int, opset: int) 
                    {"features": {0: batch, 1: tokens}})
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so a
+    freed torch model would still count in the process's resident memory)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def quantize_int8(source: Path, target: Path) -> Path:
     """onnxruntime dynamic quantisation (int8 weights of MatMul/Gemm) of the vision graph."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = any(p.name != source.name for p in source.parent.iterdir() if p.name.startswith(source.name))
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
+    with _quiet("root"):  # "consider pre-processing": shape inference that our traced graph does not need
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=external)
     return target

@@ -42,13 +42,20 @@ class Check:
         return asdict(self)
 
 
-def hf_vision_reference(model, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
-    """The three encoder outputs computed from the HF tower's own outputs.
+def hf_vision_reference(half, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
+    """The three encoder outputs computed from the HF tower's own outputs (``half``: a
+    :class:`export.load.VisionHalf`), one image at a time so that only one image's N×N
+    attention maps are alive (511 MB for CLIP-L).
 
     ``features [B,N,D]`` = hidden_states[f][:, 1:]; ``cls_attn [B,f,H,N]`` = attentions[l-1][:, :, 0, 1:];
     ``keys [B,N,D/H]`` = head mean of block f's k_proj on layer_norm1(hidden_states[f-1]).
     """
-    tower = model.model.vision_tower
+    rows = [_hf_vision_one(half.vision_tower, pixel_values[i : i + 1], feature_layer)
+            for i in range(pixel_values.shape[0])]
+    return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
+
+
+def _hf_vision_one(tower, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
     with torch.no_grad():
         out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
         check_outputs(out, feature_layer)
@@ -104,30 +111,63 @@ def validation_inputs(image_size: int) -> dict[str, np.ndarray]:
     }
 
 
-def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run an ONNX file with onnxruntime at basic graph optimisation (CPU)."""
+def onnx_session(path: Path):  # -> onnxruntime.InferenceSession
+    """An onnxruntime CPU session at basic graph optimisation with the runtime's low-memory options
+    (:func:`runtime.session.low_memory_options`)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    from runtime.session import low_memory_options
+
+    options = low_memory_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of ``session`` by name."""
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def validate_export(model, vision_path: Path, projector_path: Path, feature_layer: int,
+def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run an ONNX file once with :func:`onnx_session`."""
+    return run_session(onnx_session(path), feeds)
+
+
+def reference_outputs(half, feature_layer: int, image_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """Hugging Face's outputs on every :func:`validation_inputs` case: the three vision outputs
+    and ``embeddings`` (the projector of those features). Small arrays: once they exist, the
+    torch model can be released before onnxruntime loads the graphs."""
+    references = {}
+    for case, pixels in validation_inputs(image_size).items():
+        expected = hf_vision_reference(half, torch.from_numpy(pixels), feature_layer)
+        with torch.no_grad():
+            expected["embeddings"] = half.multi_modal_projector(torch.from_numpy(expected["features"])).numpy()
+        references[case] = expected
+    return references
+
+
+def check_graphs(references: dict[str, dict[str, np.ndarray]], vision_path: Path, projector_path: Path,
+                 image_size: int) -> list[Check]:
+    """Both graphs against :func:`reference_outputs`, one onnxruntime session alive at a time."""
+    checks: list[Check] = []
+    vision = onnx_session(vision_path)
+    got = {case: run_session(vision, {"pixel_values": pixels})
+           for case, pixels in validation_inputs(image_size).items() if case in references}
+    del vision
+    projector = onnx_session(projector_path)
+    for case, expected in references.items():
+        vision_expected = {k: v for k, v in expected.items() if k != "embeddings"}
+        checks += compare("vision", case, vision_expected, got[case])
+        embeddings = run_session(projector, {"features": expected["features"]})
+        checks += compare("projector", case, {"embeddings": expected["embeddings"]}, embeddings)
+    return checks
+
+
+def validate_export(half, vision_path: Path, projector_path: Path, feature_layer: int,
                     image_size: int) -> list[Check]:
     """Every output of both graphs against HF on :func:`validation_inputs`."""
-    checks: list[Check] = []
-    for case, pixels in validation_inputs(image_size).items():
-        expected = hf_vision_reference(model, torch.from_numpy(pixels), feature_layer)
-        actual = run_onnx(vision_path, {"pixel_values": pixels})
-        checks += compare("vision", case, expected, actual)
-        with torch.no_grad():
-            ref = model.model.multi_modal_projector(torch.from_numpy(expected["features"])).numpy()
-        got = run_onnx(projector_path, {"features": expected["features"]})
-        checks += compare("projector", case, {"embeddings": ref}, got)
-    return checks
+    return check_graphs(reference_outputs(half, feature_layer, image_size), vision_path, projector_path, image_size)
 
 
 def format_table(checks: list[Check]) -> str:
@@ -144,7 +184,8 @@ def format_table(checks: list[Check]) -> str:
 def int8_report(fp32_path: Path, int8_path: Path, image_size: int, top: int = 64) -> dict[str, float]:
     """Mean per-token cosine of int8 vs fp32 features, and top-``top`` overlap of S^f."""
     pixels = validation_inputs(image_size)["pattern-b1"]
-    ref, got = run_onnx(fp32_path, {"pixel_values": pixels}), run_onnx(int8_path, {"pixel_values": pixels})
+    ref = run_onnx(fp32_path, {"pixel_values": pixels})  # one session alive at a time
+    got = run_onnx(int8_path, {"pixel_values": pixels})
     a, b = ref["features"][0].astype(np.float64), got["features"][0].astype(np.float64)
     cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
     k = min(top, a.shape[0])

@@ -9,6 +9,7 @@ this prefill is short next to decoding, and it keeps the KV cache exactly equal 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -52,8 +53,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InputError(f"--max-tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InputError(f"the seed must be in 0..2**63-1, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -69,15 +72,23 @@ class TurnStats:
     kept: int
     total: int
 
+    @property
+    def image_ms(self) -> float:
+        """Preprocess + encode paid in this turn (0 when the image was encoded earlier)."""
+        return sum(self.vision_ms.get(stage, 0.0) for stage in ("preprocess", "encode"))
+
     def lines(self) -> list[str]:
         vision = ", ".join(f"{k} {v:.1f} ms" for k, v in self.vision_ms.items())
         prefill_rate = self.prefill_positions / max(self.prefill_ms / 1000, 1e-9)
         decode_rate = self.decode_tokens / max(self.decode_ms / 1000, 1e-9)
+        first = f"time to first token: {self.first_token_ms:.1f} ms since the question"
+        if self.image_ms:  # README: image in -> first token out
+            first += f", {self.first_token_ms + self.image_ms:.1f} ms since the image"
         return [
             f"vision: {vision or 'cached'}",
             f"image tokens kept: {self.kept}/{self.total}",
             f"prefill: {self.prefill_positions} positions in {self.prefill_ms:.1f} ms ({prefill_rate:.1f} tok/s)",
-            f"time to first token: {self.first_token_ms:.1f} ms",
+            first,
             f"decode: {self.decode_tokens} tokens in {self.decode_ms:.1f} ms ({decode_rate:.1f} tok/s)",
         ]
 
@@ -97,11 +108,15 @@ class Assistant:
 
     @classmethod
     def open(cls, bundle: str | Path, settings: Settings = Settings(), threads: int | None = None,
-             provider: str | None = None, n_ctx: int | None = None, int8: bool = False) -> Assistant:
-        """Vision sessions and the GGUF of a bundle; the probe opens on first use."""
+             provider: str | None = None, n_ctx: int | None = None, int8: bool = False,
+             kv_type: str = "f16", load: str = "read") -> Assistant:
+        """Vision sessions and the GGUF of a bundle; the probe opens on first use.
+
+        ``n_ctx`` (default 2048), ``kv_type`` and ``load`` size the language model's memory
+        (see :class:`runtime.llm.LlamaBackend`)."""
         pipeline = Pipeline(bundle, provider, threads, int8)
         data, root = pipeline.manifest.data, pipeline.manifest.root
-        llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx)
+        llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load)
         opener = (lambda: open_probe(root, data, n_threads=threads)) if "probe" in (data.get("llm") or {}) else None
         assistant = cls(pipeline, llm, get_template(pipeline.manifest.chat_template), settings, opener)
         assistant.update(tokens=settings.tokens, strategy=settings.strategy)  # validate early

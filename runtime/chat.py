@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from runtime.cli import OneLineParser, log, run_cli
+from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import UserError
+from runtime.llm import DEFAULT_N_CTX, KV_TYPES
 from runtime.prune import add_pipeline_arguments, method_options
 from runtime.registry import bundle_path
 
@@ -119,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="sampling temperature, 0 = greedy (default: 0.2)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    parser.add_argument("--n-ctx", type=int, default=None, help="context length (default: min(4096, trained))")
+    parser.add_argument("--n-ctx", type=positive_int(64, 131072), default=DEFAULT_N_CTX,
+                        help=f"context length in positions; the KV cache grows with it (7B, f16: 0.5 MB per "
+                             f"position) (default: {DEFAULT_N_CTX})")
+    parser.add_argument("--kv-type", choices=sorted(KV_TYPES), default="f16",
+                        help="KV cache type: q8_0 halves its memory, f32 doubles it (default: f16)")
+    parser.add_argument("--mmap", dest="load", action="store_const", const="mmap", default="read",
+                        help="memory-map the GGUF instead of reading it (faster start; with llama.cpp's "
+                             "weight repacking both copies stay resident, ~2x memory) (default: read)")
     parser.add_argument("--timings", action="store_true", help="print per-stage timings to stderr after answers")
     args = parser.parse_args(argv)
 
@@ -133,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.seed)
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)
-        assistant = Assistant.open(bundle, settings, args.threads, args.provider, args.n_ctx, args.int8)
+        assistant = Assistant.open(bundle, settings, args.threads, args.provider, args.n_ctx, args.int8,
+                                   args.kv_type, args.load)
         try:
             if image is not None:
                 assistant.set_image(image)

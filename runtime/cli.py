@@ -4,26 +4,52 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn, TextIO
 
 from runtime.errors import UserError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM/SIGHUP, raised like Ctrl-C so that ``finally`` blocks remove temporary files."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signal.Signals(signum).name)
+
+
 def run_cli(body: Callable[[], int], prog: str) -> int:
-    """Run a CLI body; a :class:`UserError` becomes ``prog: error: MESSAGE`` and exit code 2."""
+    """Run a CLI body; a :class:`UserError` becomes ``prog: error: MESSAGE`` and exit code 2.
+
+    SIGTERM and SIGHUP unwind the body like Ctrl-C (temporary files are cleaned up on the way out).
+    """
+    handlers = _install_termination_handlers()
     try:
         return body()
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
+    except Terminated as err:
+        print(f"{prog}: stopped by {err}; temporary files removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _install_termination_handlers() -> dict[int, object]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signals can only be handled in the main thread
+    return {number: signal.signal(number, _raise_terminated) for number in (signal.SIGTERM, signal.SIGHUP)}
 
 
 def log(message: str, stream: TextIO | None = None) -> None:
@@ -56,3 +82,18 @@ def layer_pair(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two layers like 6,20, got {text!r}") from None
     return shallow, deep
+
+
+def positive_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high`` (inclusive), else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low}..{high}, got {value}")
+        return value
+
+    return parse

@@ -11,6 +11,8 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,24 @@ import numpy as np
 from runtime.errors import BundleError, ContextOverflowError
 from runtime.sampling import StopScanner, sample_token
 
-KV_TYPES = {"f32": 0, "f16": 1}  # ggml_type of the KV cache
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type of the KV cache
+QUANT_BLOCK = 32  # values per q8_0 block: a quantised cache needs head sizes divisible by it
+LOAD_MODES = {  # how llama.cpp reads the weights
+    "read": llama_cpp.LLAMA_LOAD_MODE_NONE,  # read into memory: one copy (repacked in place)
+    "mmap": llama_cpp.LLAMA_LOAD_MODE_MMAP,  # map the file: with repacking both copies stay resident
+}
 FLASH_ATTN = {
     "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
     "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
-DEFAULT_N_CTX = 4096  # LLaVA-1.5's training context
+# LLaVA-1.5 was fine-tuned at 2048 positions (its config allows 4096); at 7B an f16 KV cache
+# costs 0.5 MB per position, so 2048 holds a chat of several turns with 64-576 image rows for 1 GB.
+DEFAULT_N_CTX = 2048
 _SILENT = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+_STDERR = llama_cpp.llama_log_callback(
+    lambda level, text, user_data: sys.stderr.write(text.decode("utf-8", "replace")) if text else None
+)
 
 
 @functools.cache
@@ -38,7 +50,7 @@ def _backend_init() -> None:
 
 def set_llama_logging(verbose: bool) -> None:
     """Route llama.cpp's log to stderr (``verbose``) or nowhere; the setting is process-wide."""
-    llama_cpp.llama_log_set(None if verbose else _SILENT, ctypes.c_void_p(0))
+    llama_cpp.llama_log_set(_STDERR if verbose else _SILENT, ctypes.c_void_p(0))
 
 
 def projector_out_dim(manifest: dict[str, Any]) -> int | None:
@@ -62,7 +74,13 @@ def _check_gguf(path: Path) -> None:
 class LlamaBackend:
     """One llama.cpp model + context (one sequence). ``embeddings=True`` gives hidden states
     (pooling NONE) instead of logits: the probe mode. ``kv_type="f32", flash_attn="off"`` keeps
-    activations in float32 (parity with PyTorch to ~1e-5); the defaults round K/V to f16."""
+    activations in float32 (parity with PyTorch to ~1e-5); the defaults round K/V to f16.
+
+    Memory: ``load="read"`` (default) reads the weights into memory once; llama.cpp repacks
+    Q4/Q8 weights for its CPU kernels (``repack``), and with ``load="mmap"`` the mapped file pages
+    stay resident next to the repacked copy (llama.cpp issue #16761: ~2x the file). ``repack=False``
+    with ``mmap`` holds no anonymous copy at all (slower matmuls): what the exporter's load check uses.
+    """
 
     def __init__(
         self,
@@ -75,19 +93,23 @@ class LlamaBackend:
         kv_type: str = "f16",
         flash_attn: str = "auto",
         n_gpu_layers: int = 0,
+        load: str = "read",
+        repack: bool = True,
         verbose: bool = False,
     ) -> None:
         self.path = Path(path).expanduser()
         _check_gguf(self.path)
-        if kv_type not in KV_TYPES or flash_attn not in FLASH_ATTN or n_batch < 1:
+        if kv_type not in KV_TYPES or flash_attn not in FLASH_ATTN or load not in LOAD_MODES or n_batch < 1:
             raise ValueError(
-                f"need kv_type in {sorted(KV_TYPES)}, flash_attn in {sorted(FLASH_ATTN)} and "
-                f"n_batch >= 1; got {kv_type!r}, {flash_attn!r}, {n_batch}"
+                f"need kv_type in {sorted(KV_TYPES)}, flash_attn in {sorted(FLASH_ATTN)}, load in "
+                f"{sorted(LOAD_MODES)} and n_batch >= 1; got {kv_type!r}, {flash_attn!r}, {load!r}, {n_batch}"
             )
         set_llama_logging(verbose)
         _backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        mparams.load_mode = LOAD_MODES[load]
+        mparams.use_extra_bufts = repack
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         self._ctx = self._tok_batch = self._emb_batch = None
         if not self._model:
@@ -100,6 +122,11 @@ class LlamaBackend:
         self.n_ctx = int(n_ctx or min(DEFAULT_N_CTX, llama_cpp.llama_model_n_ctx_train(self._model)))
         self.n_batch = min(n_batch, self.n_ctx)
         self.embeddings_mode = embeddings
+        head_dim = self.n_embd // max(1, int(llama_cpp.llama_model_n_head(self._model)))
+        if kv_type not in ("f32", "f16") and head_dim % QUANT_BLOCK:
+            self.close()
+            raise BundleError(f"a {kv_type} KV cache needs a head size divisible by {QUANT_BLOCK}; "
+                              f"{self.path.name} has {head_dim}: use --kv-type f16")
         self._ctx = llama_cpp.llama_init_from_model(self._model, self._context_params(n_threads, kv_type, flash_attn))
         if not self._ctx:
             self.close()
@@ -115,8 +142,8 @@ class LlamaBackend:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = params.n_ubatch = self.n_batch
-        if n_threads:
-            params.n_threads = params.n_threads_batch = n_threads
+        threads = n_threads or os.cpu_count() or 1  # llama.cpp's own default is 4, whatever the machine
+        params.n_threads = params.n_threads_batch = threads
         params.type_k = params.type_v = KV_TYPES[kv_type]
         params.flash_attn_type = FLASH_ATTN[flash_attn]
         params.embeddings = self.embeddings_mode

@@ -43,7 +43,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", default=None, help="mean or none (default: mean)")
     parser.add_argument("--provider", default=None,
                         help=f"onnxruntime provider (default: CPU; here: {', '.join(available_providers())})")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for onnxruntime and llama.cpp (default: all cores)")
     parser.add_argument("--int8", action="store_true", help="use vision.int8.onnx (default: fp32)")
 
 

@@ -6,12 +6,13 @@ Torch-free so that both the exporter and the runtime can resolve an alias.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import ModelNotFoundError
+from runtime.errors import BundleError, ModelNotFoundError
 
 IMAGE_MODES = ("pad", "crop")
 
@@ -96,11 +97,48 @@ def is_local_path(model: str) -> bool:
     return Path(model).expanduser().exists() or "/" in model or model.startswith(".")
 
 
-def default_bundle_dir(alias: str) -> Path:
-    """Where the exporters write an alias's bundle by default: ``models/<alias>/`` (git-ignored)."""
-    return Path(str(resources.files("models"))) / alias
+BUNDLES_ENV = "ENTROPRUNE_BUNDLES"  # overrides where bundles are written and found by name
+MANIFEST_NAME = "manifest.json"
+
+
+def bundles_home() -> Path:
+    """The user data folder holding bundles by name: ``$ENTROPRUNE_BUNDLES``, else
+    ``$XDG_CACHE_HOME/entroprune/bundles`` (``~/.cache/entroprune/bundles``) — never inside
+    site-packages, so an installed package stays read-only and bundles survive upgrades."""
+    override = os.environ.get(BUNDLES_ENV)
+    if override:
+        return Path(override).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "entroprune" / "bundles"
+
+
+def default_bundle_dir(name: str) -> Path:
+    """Where the exporters write the bundle of ``name`` (an alias, or a local checkpoint's folder name)."""
+    return bundles_home() / name
+
+
+def is_bundle_name(model: str) -> bool:
+    """True when ``model`` can be a bundle name (no path separators, not ``.``/``~``-relative)."""
+    return bool(model) and "/" not in model and "\\" not in model and not model.startswith((".", "~"))
 
 
 def bundle_path(model: str) -> Path:
-    """A bundle directory from ``--model``: an alias means ``models/<alias>/``, else a path."""
-    return default_bundle_dir(model) if model in known_aliases() else Path(model).expanduser()
+    """The bundle directory for the runtime's ``--model``: a directory holding a manifest, else
+    a bundle of that name in :func:`bundles_home`; neither is a one-line error naming the command
+    that makes it."""
+    path = Path(model).expanduser()
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    named = default_bundle_dir(model) if is_bundle_name(model) else None
+    if named is not None and named.is_dir():
+        return named
+    if path.is_dir() or named is None:
+        return path  # load_manifest says what is wrong with it
+    if model in known_aliases():
+        command = f"python -m export.clip --model {model} && python -m export.llm --model {model}"
+    else:
+        command = f"python -m export.clip --model /path/to/{model} (the checkpoint folder named {model!r})"
+    found = sorted(p.name for p in bundles_home().iterdir() if p.is_dir()) if bundles_home().is_dir() else []
+    raise BundleError(
+        f"no bundle named {model!r} in {bundles_home()} (found: {', '.join(found) or 'none'}); make it with: {command}"
+    )

@@ -31,12 +31,26 @@ def resolve_provider(name: str | None) -> str:
     raise InputError(f"onnxruntime provider {name!r} is not available here; available: {', '.join(providers)}")
 
 
-def open_session(path: Path, provider: str | None = None, threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession over ``path`` (full graph optimisation, ``threads`` intra-op threads)."""
-    if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
+def low_memory_options() -> ort.SessionOptions:
+    """Session options that keep an encoder's resident memory near its weights (see open_session)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
+    return options
+
+
+def open_session(path: Path, provider: str | None = None, threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession over ``path`` (full graph optimisation, ``threads`` intra-op threads).
+
+    Memory: the default execution order let the encoder keep every block's N×N attention map
+    alive until the [CLS] rows were sliced at the end (+1 GB for CLIP-L, int8 graph: 1.41 GB
+    resident instead of 0.45); ``PRIORITY_BASED`` slices each map as soon as it exists. The CPU
+    memory arena is off so one image's peak is not kept for the session's lifetime (~3 % slower).
+    """
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads must be >= 1, got {threads}")
+    options = low_memory_options()
     if threads:
         options.intra_op_num_threads = threads
     chosen = resolve_provider(provider)

@@ -20,6 +20,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bundles_home(tmp_path_factory: pytest.TempPathFactory):
+    """Bundles found by name live in a temporary folder during tests, never in ~/.cache."""
+    from runtime.registry import BUNDLES_ENV
+
+    home = tmp_path_factory.mktemp("bundles")
+    previous = os.environ.get(BUNDLES_ENV)
+    os.environ[BUNDLES_ENV] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop(BUNDLES_ENV, None)
+    else:
+        os.environ[BUNDLES_ENV] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LLaVA-1.5-shaped checkpoint (CLIP 24 blocks, N=576, f=23; LLaMA 4 layers)."""

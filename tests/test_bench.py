@@ -8,7 +8,6 @@ another width, and libmtmd loading our mmproj next to Hugging Face.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -142,11 +141,13 @@ def test_mmproj_variants_and_errors(tiny_llava_dir: Path, mmproj: Path, tmp_path
 @pytest.mark.llm
 def test_libmtmd_reads_our_mmproj(tiny_llm_bundle: Path, tiny_llava_dir: Path, tiny_llava_model,
                                   tmp_path: Path) -> None:
+    from PIL import Image
+
     from runtime.pipeline import Pipeline
     from tools.bench_mtmd import MtmdEncoder, hf_image_features, square_images
 
     image = square_images(1, 336)[0]
-    pixels = Pipeline(tiny_llm_bundle).pixel_values(__import__("PIL.Image").Image.fromarray(image))[None]
+    pixels = Pipeline(tiny_llm_bundle).pixel_values(Image.fromarray(image))[None]
     cls, patches = hf_image_features(tiny_llava_model, pixels)
     wrong_cls, wrong = hf_image_features(tiny_llava_model, pixels, vision_feature_layer=-3)  # block f-1
     found, controls = [], []
@@ -256,4 +257,3 @@ def test_bench_bad_inputs_are_one_line_errors(tiny_llm_bundle: Path, tmp_path: P
     assert main(["--model", str(tiny_llm_bundle), "--out", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert io.StringIO  # noqa: B018 (io is used by csv above in other tests)

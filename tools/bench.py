@@ -112,7 +112,7 @@ class BenchResult:
     mtmd: Mapping[str, Any] | None = field(default=None)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Llm:
     """Open native handles of one run (closed by the ExitStack that built it)."""
 

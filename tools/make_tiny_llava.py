@@ -1,6 +1,7 @@
 """Write a tiny random LLaVA-1.5 checkpoint that Hugging Face loads like the real one.
 
 ``python tools/make_tiny_llava.py OUT [--seed S] [--vision-layers 24] [--full-vision]``
+``python tools/make_tiny_llava.py OUT --shape llava-1.5-7b [--layout hub] [--text-layers N] [--shard-gb 2.0]``
 
 The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 blocks,
 ``vision_feature_layer=-2``) at a small width; the text model is a 4-layer LLaMA; the
@@ -12,6 +13,8 @@ Peaky attention: with default initialisation every block's [CLS] attention is al
 each block by a depth-dependent factor (``qk_gain``) so that attention sharpens with depth, as
 in trained CLIP, and rankings have clear margins (the tests assert the margins they rely on).
 ``--full-vision`` gives the ViT-L/14-336 width (1024, 16 heads) for benchmarks.
+``--shape`` instead writes random weights with the real llava-1.5-7b/13b configs, tensor names and
+tokenizer layout, shard by shard (see ``tools/shape_checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 PATCH = 14
 IMAGE = 336
@@ -38,6 +42,7 @@ _WORDS = (
     "left right top bottom yes no there are two three one how many person man woman car tree "
     "sky water road house sign text reads says answer question USER ASSISTANT"
 ).split()
+QK_GAIN = (1.0, 3.0)  # query/key gain of the first and the last CLIP block (see _sharpen_attention)
 
 
 def _train_tokenizer(workdir: Path, vocab_size: int, seed: int) -> Path:
@@ -80,6 +85,34 @@ def _sharpen_attention(vision_tower, qk_gain: tuple[float, float], seed: int) ->
         emb.class_embedding.normal_(0.0, 1.0, generator=gen)
 
 
+def llava_tokenizer(model_dir: Path) -> Any:
+    """The ``LlamaTokenizer`` of ``model_dir/tokenizer.model`` with ``<image>`` and ``<pad>`` added as llava-hf."""
+    from transformers import LlamaTokenizer
+
+    tokenizer = LlamaTokenizer.from_pretrained(str(model_dir), add_bos_token=True, add_eos_token=False)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def write_processor(out: Path, tokenizer: Any, image_size: int = IMAGE, patch_size: int = PATCH) -> None:
+    """Save llava-1.5's ``LlavaProcessor`` (CLIP image processor, padded to square) into ``out``."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_pad=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+
+
 def build_tiny_llava(
     out: str | Path,
     seed: int = 0,
@@ -88,19 +121,11 @@ def build_tiny_llava(
     vision_heads: int = 4,
     text_layers: int = 4,
     text_width: int = 64,
-    qk_gain: tuple[float, float] = (1.0, 3.0),
+    qk_gain: tuple[float, float] = QK_GAIN,
 ) -> Path:
     """Write the checkpoint to ``out`` and return the path."""
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlamaTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -108,10 +133,7 @@ def build_tiny_llava(
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = _train_tokenizer(Path(tmp), vocab_size=512, seed=seed)
         (out / "tokenizer.model").write_bytes(sp_model.read_bytes())
-    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = llava_tokenizer(out)
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
 
     vision = CLIPVisionConfig(
@@ -138,33 +160,75 @@ def build_tiny_llava(
         for linear in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             linear.weight.normal_(0.0, 2.0 / linear.in_features**0.5, generator=gen)
     model.save_pretrained(out)
-
-    image_processor = LlavaImageProcessorPil(
-        size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
-        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_pad=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out)
+    write_processor(out, tokenizer)
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _positive(kind: type) -> Any:
+    """argparse type: a number of ``kind`` greater than zero."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    from runtime.cli import OneLineParser
+    from tools.shape_checkpoint import LAYOUTS, SHAPE_NAMES
+
+    parser = OneLineParser(prog="make_tiny_llava", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--vision-layers", type=int, default=24, help="CLIP blocks (default: 24)")
+    parser.add_argument("--vision-layers", type=_positive(int), default=None,
+                        help="CLIP blocks of the tiny model (default: 24)")
     parser.add_argument("--full-vision", action="store_true",
                         help="ViT-L/14-336 width (1024, 16 heads) instead of the tiny one")
+    shape = parser.add_argument_group("full-size-shaped checkpoint (tools/shape_checkpoint.py)")
+    shape.add_argument("--shape", choices=SHAPE_NAMES, default=None,
+                       help="write random weights with this model's real configs and tokenizer layout")
+    shape.add_argument("--layout", choices=LAYOUTS, default=None,
+                       help="tensor names: hub (as llava-hf's files) or transformers5 (default: hub)")
+    shape.add_argument("--text-layers", type=_positive(int), default=None,
+                       help="override the language model's depth (default: the real one)")
+    shape.add_argument("--shard-gb", type=_positive(float), default=None,
+                       help="largest safetensors shard, in GB of 1e9 bytes (default: 2.0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from runtime.cli import run_cli
+
+    parser = _parser()
     args = parser.parse_args(argv)
-    width, heads = (1024, 16) if args.full_vision else (64, 4)
-    path = build_tiny_llava(args.out, seed=args.seed, vision_layers=args.vision_layers,
-                            vision_width=width, vision_heads=heads)
-    print(path)
-    return 0
+    shape_only = {"--layout": args.layout, "--text-layers": args.text_layers, "--shard-gb": args.shard_gb}
+    if args.shape is None and any(value is not None for value in shape_only.values()):
+        parser.error(f"{', '.join(k for k, v in shape_only.items() if v is not None)} only with --shape")
+    if args.shape is not None and (args.full_vision or args.vision_layers is not None):
+        parser.error("--full-vision and --vision-layers are for the tiny model, not with --shape")
+
+    def body() -> int:
+        if args.shape is None:
+            width, heads = (1024, 16) if args.full_vision else (64, 4)
+            path = build_tiny_llava(args.out, seed=args.seed, vision_layers=args.vision_layers or 24,
+                                    vision_width=width, vision_heads=heads)
+        else:
+            from tools.shape_checkpoint import write_shape_checkpoint
+
+            path = write_shape_checkpoint(
+                args.out, args.shape, layout=args.layout or "hub", text_layers=args.text_layers,
+                shard_bytes=int((args.shard_gb or 2.0) * 1e9), seed=args.seed,
+            )
+        print(path)
+        return 0
+
+    return run_cli(body, "make_tiny_llava")
 
 
 if __name__ == "__main__":
