@@ -9,13 +9,16 @@ this prefill is short next to decoding, and it keeps the KV cache exactly equal 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from runtime.errors import InputError
@@ -24,11 +27,13 @@ from runtime.llm_bundle import open_language_model
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import LlamaProbe, open_probe
+from runtime.prompt_cache import ImageRows, PromptPiece
 from runtime.strategies.registry import get_strategy
 from runtime.template import (
     ChatTemplate,
     Conversation,
     PromptTokens,
+    Turn,
     conversation_segments,
     encode_prompt,
     get_template,
@@ -36,6 +41,7 @@ from runtime.template import (
 from runtime.types import EncoderOutput
 
 STOP = ("</s>",)
+ENCODED_IMAGES = 4  # encoder outputs kept by pixel digest (~3.5 MB each for CLIP-L)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Settings:
     temperature: float = 0.2  # LLaVA's CLI default; 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # extra stop strings (never emitted), besides "</s>"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,12 +72,13 @@ class TurnStats:
 
     vision_ms: Mapping[str, float]  # preprocess, encode, prune, project_all, probe, project
     prefill_ms: float
-    prefill_positions: int  # text tokens + image rows evaluated before the first answer token
+    prefill_positions: int  # text tokens + image rows evaluated (not reused) before the first answer token
     first_token_ms: float  # from the question to the first streamed piece
     decode_ms: float
     decode_tokens: int
     kept: int
     total: int
+    reused_positions: int = 0  # prompt positions whose KV cache was kept from the previous turn
 
     @property
     def image_ms(self) -> float:
@@ -87,10 +95,22 @@ class TurnStats:
         return [
             f"vision: {vision or 'cached'}",
             f"image tokens kept: {self.kept}/{self.total}",
-            f"prefill: {self.prefill_positions} positions in {self.prefill_ms:.1f} ms ({prefill_rate:.1f} tok/s)",
+            f"prefill: {self.prefill_positions} positions in {self.prefill_ms:.1f} ms ({prefill_rate:.1f} tok/s), "
+            f"{self.reused_positions} reused from the KV cache",
             first,
             f"decode: {self.decode_tokens} tokens in {self.decode_ms:.1f} ms ({decode_rate:.1f} tok/s)",
         ]
+
+
+def _answer_ids(generation: Any) -> tuple[int, ...] | None:
+    """The ids to feed back for this answer: what was generated, without the closing EOS. None
+    when a stop string ended it (its text was cut inside the generated tokens)."""
+    if generation is None or generation.finish_reason is None or generation.stop_string:
+        return None
+    ids = list(generation.token_ids)
+    if ids and generation.finish_reason == "stop":
+        ids = ids[:-1]  # the EOS the template writes itself
+    return tuple(ids)
 
 
 class Assistant:
@@ -103,40 +123,75 @@ class Assistant:
         self._probe_opener, self._probe = probe_opener, None
         self.conversation = Conversation(has_image=False)
         self._image: tuple[EncoderOutput, dict[str, float]] | None = None
+        self.image_digest: str | None = None  # sha256 of the current image's pixel values
+        self.notice: str | None = None  # something the user should know about the last answer
+        self._options: dict[str, Mapping[str, Any]] = {}  # strategy -> its options, while another is used
+        self._encoded: OrderedDict[str, EncoderOutput] = OrderedDict()  # pixel digest -> encoder output (LRU)
         self._pruned: tuple[tuple, PrunedImage] | None = None
         self.last_stats: TurnStats | None = None
 
     @classmethod
     def open(cls, bundle: str | Path, settings: Settings = Settings(), threads: int | None = None,
              provider: str | None = None, n_ctx: int | None = None, int8: bool = False,
-             kv_type: str = "f16", load: str = "read") -> Assistant:
+             kv_type: str = "f16", load: str = "read", n_gpu_layers: int = 0) -> Assistant:
         """Vision sessions and the GGUF of a bundle; the probe opens on first use.
 
         ``n_ctx`` (default 2048), ``kv_type`` and ``load`` size the language model's memory
         (see :class:`runtime.llm.LlamaBackend`)."""
         pipeline = Pipeline(bundle, provider, threads, int8)
         data, root = pipeline.manifest.data, pipeline.manifest.root
-        llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load)
+        llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load,
+                                  n_gpu_layers=n_gpu_layers)
         opener = (lambda: open_probe(root, data, n_threads=threads)) if "probe" in (data.get("llm") or {}) else None
         assistant = cls(pipeline, llm, get_template(pipeline.manifest.chat_template), settings, opener)
         assistant.update(tokens=settings.tokens, strategy=settings.strategy)  # validate early
         return assistant
 
     # --- state ---------------------------------------------------------------------------
-    def set_image(self, image: Image.Image | str | Path) -> None:
-        """Encode a new image (a new conversation: LLaVA-1.5 takes one image per chat)."""
+    def set_image(self, image: Image.Image | str | Path | None) -> None:
+        """Encode a new image (a new conversation: LLaVA-1.5 takes one image per chat); ``None``
+        starts a text-only conversation."""
+        self._pruned = None
+        if image is None:
+            self._image, self.image_digest = None, None
+            self.conversation = Conversation(has_image=False)
+            return
         start = time.perf_counter()
         loaded = image if isinstance(image, Image.Image) else load_image(image)
         pixels = self.pipeline.pixel_values(loaded)
+        digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
         middle = time.perf_counter()
-        encoded = self.pipeline.encoder.encode(pixels)
+        encoded = self._encoded.pop(digest, None)
+        if encoded is None:  # not among the last ENCODED_IMAGES images
+            encoded = self.pipeline.encoder.encode(pixels)
+        self._encoded[digest] = encoded
+        while len(self._encoded) > ENCODED_IMAGES:
+            self._encoded.popitem(last=False)
         end = time.perf_counter()
         self._image = (encoded, {"preprocess": 1000 * (middle - start), "encode": 1000 * (end - middle)})
-        self._pruned = None
+        self.image_digest = digest
         self.conversation = Conversation(has_image=True)
 
+    def restore(self, turns: Sequence[tuple[str, str]]) -> None:
+        """Make the conversation these answered ``(question, answer)`` turns (the image is kept):
+        how a stateless client (the HTTP server) replays its history."""
+        self.conversation = Conversation(tuple(Turn(q, a) for q, a in turns), has_image=self._image is not None)
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the last answer ended: ``stop`` (EOS or a stop string), ``length`` or ``context``."""
+        return self.llm.finish_reason
+
     def update(self, **changes: Any) -> None:
-        """Change settings (``tokens``, ``strategy``, ...); checked now, used from the next turn."""
+        """Change settings (``tokens``, ``strategy``, ...); checked now, used from the next turn.
+
+        Strategy options are kept per strategy: switching to another strategy without giving
+        ``options`` uses that strategy's own (its defaults the first time), and switching back
+        restores the ones it had (``--rule max-max`` then ``/strategy fastervlm`` works).
+        """
+        if "strategy" in changes and "options" not in changes and changes["strategy"] != self.settings.strategy:
+            self._options[self.settings.strategy] = self.settings.options
+            changes = {**changes, "options": self._options.get(changes["strategy"], {})}
         settings = replace(self.settings, **changes)
         get_strategy(settings.strategy)
         if settings.strategy != "none":
@@ -150,35 +205,66 @@ class Assistant:
 
     # --- answering -------------------------------------------------------------------------
     def respond(self, question: str) -> Iterator[str]:
-        """Stream the answer to ``question``; the history (and partial answers) is kept."""
+        """Stream the answer to ``question``; the history (and partial answers) is kept.
+
+        The KV cache is reused up to the first position where the new prompt differs from what
+        it holds (the previous turns, the same image rows); when the conversation no longer fits
+        the context, the oldest turns after the first (which carries the image) are dropped and
+        :attr:`notice` says so.
+        """
         if not question.strip():
             raise InputError("empty question")
         start = time.perf_counter()
+        self.notice = None
         conversation = self.conversation.ask(question)
-        prompt = encode_prompt(conversation_segments(conversation, self.template), self.llm)
         pruned, vision_ms = self._prune(conversation)
+        conversation, prompt = self._fit(conversation, pruned)
         prefill_start = time.perf_counter()
-        self.llm.reset()
-        self.llm.eval_tokens(prompt.prefix)
-        if prompt.has_image:
-            self.llm.eval_embeddings(pruned.embeddings)
-        self.llm.eval_tokens(prompt.suffix)
+        done = self.llm.prefill(self._pieces(prompt, pruned))
         prefill_ms = 1000 * (time.perf_counter() - prefill_start)
         pieces, first, decode_start = [], None, time.perf_counter()
         s = self.settings
         try:
-            for piece in self.llm.generate(s.max_tokens, STOP, s.temperature, s.top_p, s.seed):
+            for piece in self.llm.generate(s.max_tokens, STOP + s.stop, s.temperature, s.top_p, s.seed):
                 first = first if first is not None else time.perf_counter()
                 pieces.append(piece)
                 yield piece
         finally:  # also on Ctrl-C or a closed generator: keep what was said
-            self.conversation = conversation.answered("".join(pieces).strip())
+            self.conversation = conversation.answered("".join(pieces).strip(), _answer_ids(self.llm.last_generation))
+            if self.llm.finish_reason == "context":
+                cut = (f"the answer stopped at the context limit ({self.llm.n_ctx} positions); "
+                       "/reset or a larger --n-ctx makes room")
+                self.notice = f"{self.notice}; {cut}" if self.notice else cut
             end = time.perf_counter()
             self.last_stats = TurnStats(
-                vision_ms, prefill_ms, len(prompt.prefix) + len(prompt.suffix) + (pruned.tokens if pruned else 0),
-                1000 * ((first or end) - start), 1000 * (end - decode_start), len(pieces),
-                pruned.tokens if pruned else 0, pruned.num_patches if pruned else 0,
+                vision_ms, prefill_ms, done.evaluated, 1000 * ((first or end) - start), 1000 * (end - decode_start),
+                len(pieces), pruned.tokens if pruned else 0, pruned.num_patches if pruned else 0, done.reused,
             )
+
+    def _pieces(self, prompt: PromptTokens, pruned: PrunedImage | None) -> list[PromptPiece]:
+        """Token ids and image rows in order; the rows are keyed by image digest and prune settings."""
+        if not prompt.has_image or pruned is None:
+            return [prompt.prefix]
+        key = (self.image_digest, self._pruned[0] if self._pruned else None)
+        return [prompt.prefix, ImageRows(key, pruned.embeddings), prompt.suffix]
+
+    def _fit(self, conversation: Conversation, pruned: PrunedImage | None) -> tuple[Conversation, PromptTokens]:
+        """Drop the oldest turns until the prompt leaves room for an answer (``max_tokens``, at
+        most a quarter of the context). The system line and the image stay: the image moves to
+        the first question that is kept, where LLaVA-1.5's template puts it."""
+        rows = pruned.tokens if pruned is not None and conversation.has_image else 0
+        room = min(self.settings.max_tokens, self.llm.n_ctx // 4)
+        dropped = 0
+        while True:
+            prompt = encode_prompt(conversation_segments(conversation, self.template), self.llm)
+            fits = len(prompt.prefix) + len(prompt.suffix) + rows + room <= self.llm.n_ctx
+            if fits or len(conversation.turns) == 1:
+                break
+            conversation = Conversation(conversation.turns[1:], conversation.has_image)
+            dropped += 1
+        if dropped:
+            self.notice = f"dropped the {dropped} oldest turn(s) to fit the {self.llm.n_ctx}-position context"
+        return conversation, prompt
 
     def _prune(self, conversation: Conversation) -> tuple[PrunedImage | None, dict[str, float]]:
         """The pruned image for the current settings (cached), with the vision timings it cost."""
@@ -186,12 +272,13 @@ class Assistant:
             return None, {}
         s = self.settings
         first = Conversation((conversation.turns[0],), has_image=True)  # the probe sees the first question
-        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), first.turns[0].question)
+        needs_probe = get_strategy(s.strategy).needs_probe  # only the probe strategies read the question
+        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), first.turns[0].question if needs_probe else "")
         if self._pruned is not None and self._pruned[0] == key:
             return self._pruned[1], {}
         encoded, vision_ms = self._image
         probe = None
-        if get_strategy(s.strategy).needs_probe:
+        if needs_probe:
             probe_tokens = encode_prompt(conversation_segments(first, self.template), self.llm)
             probe = self._bound_probe(probe_tokens)
         pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, **s.options)

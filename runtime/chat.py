@@ -6,8 +6,9 @@ and commands (``/help``). Ctrl-C stops the current answer, not the program; Ctrl
 
 from __future__ import annotations
 
+import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, TextIO
 
@@ -66,10 +67,11 @@ def _command(backend: ChatBackend, line: str, out: TextIO) -> bool:
     elif name == "/stats":
         out.write("\n".join(backend.stats_lines()) + "\n")
     elif name == "/image" and arg:
+        sys.stderr.write("encoding image…\n")
         backend.set_image(Path(arg).expanduser())
         out.write(f"image: {arg} (new conversation)\n")
     elif name == "/tokens" and arg:
-        if not arg.isdigit():
+        if not (arg.isascii() and arg.isdigit()):
             raise UserError(f"/tokens needs a positive integer, got {arg!r}")
         backend.update(tokens=int(arg))
         out.write(f"tokens: {int(arg)}\n")
@@ -83,19 +85,44 @@ def _command(backend: ChatBackend, line: str, out: TextIO) -> bool:
     return True
 
 
+def _terminal_reader(stdout: TextIO) -> Callable[[], str]:
+    """Read lines with readline (history, arrow keys, line editing) from a terminal; "" at Ctrl-D."""
+    import readline  # noqa: F401 - importing it gives input() line editing and history
+
+    def read() -> str:
+        try:
+            return input("> ") + "\n"
+        except EOFError:
+            return ""
+
+    return read
+
+
+def _notice(backend: ChatBackend, stderr: TextIO) -> None:
+    """Say what the engine did that the user should know (turns dropped, answer cut by the context)."""
+    notice = getattr(backend, "notice", None)
+    if notice:
+        stderr.write(f"note: {notice}\n")
+
+
 def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, timings: bool = False) -> int:
     """Read questions and commands until /quit or end of input; errors are one line and the loop goes on."""
     interactive = stdin.isatty()
+    read = _terminal_reader(stdout) if interactive and stdin is sys.stdin else stdin.readline
+    if interactive:
+        stdout.write("type a question, /help for commands, Ctrl-D to quit\n")
     while True:
-        if interactive:
+        if interactive and read is stdin.readline:
             stdout.write("> ")
             stdout.flush()
         try:
-            line = stdin.readline()
+            line = read()
         except KeyboardInterrupt:
             stdout.write("\n")
             continue
         if not line:
+            if interactive:
+                stdout.write("\n")  # Ctrl-D: leave the shell prompt on a line of its own
             return 0
         text = line.strip()
         if not text:
@@ -104,14 +131,18 @@ def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, ti
             if text.startswith("/"):
                 if not _command(backend, text, stdout):
                     return 0
-            elif stream_answer(backend, text, stdout) and timings:
-                stderr.write("\n".join(backend.stats_lines()) + "\n")
+            else:
+                answered = stream_answer(backend, text, stdout)
+                _notice(backend, stderr)
+                if answered and timings:
+                    stderr.write("\n".join(backend.stats_lines()) + "\n")
         except UserError as err:
             stderr.write(f"error: {err}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m runtime.chat", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m runtime.chat", description=__doc__.splitlines()[0],
+                           epilog="REPL " + HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pipeline_arguments(parser)
     parser.add_argument("--image", type=Path, default=None, help="image to chat about (or /image later)")
     parser.add_argument("--prompt", default=None, help="answer this one question and exit")
@@ -128,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmap", dest="load", action="store_const", const="mmap", default="read",
                         help="memory-map the GGUF instead of reading it (faster start; with llama.cpp's "
                              "weight repacking both copies stay resident, ~2x memory) (default: read)")
+    parser.add_argument("--n-gpu-layers", type=positive_int(0, 1000), default=0,
+                        help="layers llama.cpp offloads to a GPU; needs llama-cpp-python built with CUDA or "
+                             "Metal (see README) (default: 0, CPU only)")
     parser.add_argument("--timings", action="store_true", help="print per-stage timings to stderr after answers")
     args = parser.parse_args(argv)
 
@@ -142,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)
         assistant = Assistant.open(bundle, settings, args.threads, args.provider, args.n_ctx, args.int8,
-                                   args.kv_type, args.load)
+                                   args.kv_type, args.load, args.n_gpu_layers)
         try:
             if image is not None:
+                log("encoding image…")
                 assistant.set_image(image)
             if args.prompt is not None:
                 stream_answer(assistant, args.prompt, sys.stdout)
+                _notice(assistant, sys.stderr)
                 if args.timings:
                     log("\n".join(assistant.stats_lines()))
                 return 0

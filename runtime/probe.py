@@ -19,6 +19,7 @@ from runtime.errors import BundleError
 from runtime.llm import LlamaBackend
 from runtime.llm_bundle import checked_width, llm_entry
 from runtime.manifest import Manifest
+from runtime.prompt_cache import ImageRows
 from runtime.template import Conversation, conversation_segments, encode_prompt, get_template
 from runtime.types import ProbeOutput
 
@@ -90,18 +91,9 @@ def run_probe(
         raise ValueError("run_probe needs a LlamaBackend opened with embeddings=True (the probe GGUF)")
     if weights.q_weight.shape[1] != backend.n_embd:
         raise BundleError(f"probe weights are {weights.q_weight.shape[1]} wide, the probe GGUF {backend.n_embd}")
-    backend.reset()
-    parts = []
-    if len(prefix_ids):
-        backend.eval_tokens(prefix_ids, output_all=True)
-        parts.append(backend.hidden_states())
-    backend.eval_embeddings(image_rows, output_all=True)
-    parts.append(backend.hidden_states())
-    if len(suffix_ids):
-        backend.eval_tokens(suffix_ids, output_all=True)
-        parts.append(backend.hidden_states())
+    backend.prefill([list(prefix_ids), ImageRows(object(), image_rows), list(suffix_ids)], output_all=True)
     return ProbeOutput(
-        hidden=np.concatenate(parts),
+        hidden=backend.hidden_states(),
         image_start=len(prefix_ids),
         num_image=int(image_rows.shape[0]),
         q_weight=weights.q_weight,

@@ -32,7 +32,17 @@ class Marker(enum.Enum):
     EOS = "</s>"
 
 
-Segment = str | Marker
+@dataclass(frozen=True)
+class AnswerTokens:
+    """An earlier answer as the token ids the model generated (``text`` for rendering): fed back
+    as they were, so the KV cache of that answer is reused even where re-tokenising the text
+    would give other ids."""
+
+    text: str
+    ids: tuple[int, ...]
+
+
+Segment = str | Marker | AnswerTokens
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,7 @@ class Turn:
 
     question: str
     answer: str | None = None  # None: the turn the model answers next
+    answer_ids: tuple[int, ...] | None = None  # the generated ids of ``answer`` (without EOS), if known
 
 
 @dataclass(frozen=True)
@@ -84,11 +95,11 @@ class Conversation:
         """A new conversation with ``question`` appended (the previous turn must be answered)."""
         return Conversation((*self.turns, Turn(question)), self.has_image)
 
-    def answered(self, answer: str) -> Conversation:
-        """A new conversation whose last (pending) turn has ``answer``."""
+    def answered(self, answer: str, ids: tuple[int, ...] | None = None) -> Conversation:
+        """A new conversation whose last (pending) turn has ``answer`` (and its generated ``ids``)."""
         if not self.turns or self.turns[-1].answer is not None:
             raise ValueError("there is no pending question to answer")
-        return Conversation((*self.turns[:-1], Turn(self.turns[-1].question, answer)), self.has_image)
+        return Conversation((*self.turns[:-1], Turn(self.turns[-1].question, answer, ids)), self.has_image)
 
 
 def conversation_segments(conversation: Conversation, template: ChatTemplate = LLAVA_1_5) -> tuple[Segment, ...]:
@@ -103,7 +114,9 @@ def conversation_segments(conversation: Conversation, template: ChatTemplate = L
         if i == 0 and conversation.has_image:
             pieces += [Marker.IMAGE, template.image_prefix]
         pieces.append(f"{turn.question}{template.separator}{template.assistant}:")
-        if turn.answer is not None:
+        if turn.answer is not None and turn.answer_ids is not None:
+            pieces += [AnswerTokens(f" {turn.answer}", turn.answer_ids), Marker.EOS]
+        elif turn.answer is not None:
             pieces += [f" {turn.answer}", Marker.EOS]
     return _merge_text(pieces)
 
@@ -121,7 +134,8 @@ def _merge_text(pieces: list[Segment]) -> tuple[Segment, ...]:
 
 def render(segments: tuple[Segment, ...]) -> str:
     """The segments as one string (markers as ``<image>``/``</s>``), e.g. for logs and tests."""
-    return "".join(piece.value if isinstance(piece, Marker) else piece for piece in segments)
+    return "".join(piece.value if isinstance(piece, Marker) else piece.text if isinstance(piece, AnswerTokens)
+                   else piece for piece in segments)
 
 
 @dataclass(frozen=True)
@@ -166,6 +180,8 @@ def _encode(pieces: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
     for piece in pieces:
         if piece is Marker.EOS:
             ids.append(tokenizer.eos_token)
+        elif isinstance(piece, AnswerTokens):
+            ids += piece.ids
         elif isinstance(piece, str):
             ids += tokenizer.tokenize(piece, add_bos=False, special=False)
         else:

@@ -207,3 +207,84 @@ def test_memory_options_answer(tiny_llm_bundle: Path, photo: Path, capsys, optio
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "ms since the question" in err and "ms since the image" in err  # image in -> first token out
+
+
+# --- the conversation engine on the real tiny bundle (issue: multi-turn, options, context) -------
+@pytest.fixture()
+def assistant(tiny_llm_bundle: Path):
+    from runtime.assistant import Assistant, Settings
+
+    engine = Assistant.open(tiny_llm_bundle, Settings(temperature=0, max_tokens=6, options={"rule": "max-max"}),
+                            n_ctx=300)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.llm
+def test_text_only_question_answers(tiny_llm_bundle: Path, capsys) -> None:
+    assert main(["--model", str(tiny_llm_bundle), "--prompt", "hello", "--max-tokens", "3", "--timings"]) == 0
+    assert "image tokens kept: 0/0" in capsys.readouterr().err
+
+
+@pytest.mark.llm
+def test_strategy_options_are_kept_per_strategy(assistant) -> None:
+    assistant.update(strategy="fastervlm")  # "takes no option(s) rule" before
+    assert dict(assistant.settings.options) == {}
+    assistant.update(strategy="entropy")
+    assert dict(assistant.settings.options) == {"rule": "max-max"}
+
+
+@pytest.mark.llm
+def test_history_prune_cache_and_partial_answers(assistant, photos) -> None:
+    assistant.set_image(photos["coffee"])
+    first = "".join(assistant.respond("What is shown?"))
+    vision = dict(assistant.last_stats.vision_ms)
+    stream = assistant.respond("And the colour?")
+    piece = next(stream)
+    stream.close()  # Ctrl-C / a closed client: the partial answer is kept
+    turns = assistant.conversation.turns
+    assert [t.question for t in turns] == ["What is shown?", "And the colour?"]
+    assert turns[0].answer == first.strip() and turns[1].answer == piece.strip()
+    assert "encode" in vision and "encode" not in assistant.last_stats.vision_ms  # encoded once
+    assert "prune" not in assistant.last_stats.vision_ms  # the pruned image was cached
+    assistant.update(strategy="visionzip")
+    "".join(assistant.respond("With another strategy?"))
+    assert "prune" in assistant.last_stats.vision_ms and assistant.last_stats.kept == 64
+    digest = assistant.image_digest
+    calls = []
+    encode = assistant.pipeline.encoder.encode
+    assistant.pipeline.encoder.encode = lambda pixels: calls.append(1) or encode(pixels)
+    assistant.set_image(photos["chelsea"])
+    assistant.set_image(photos["coffee"])  # back to an image encoded before: from the digest cache
+    assert calls == [1] and assistant.image_digest == digest
+
+
+@pytest.mark.llm
+def test_context_limit_is_said_and_old_turns_are_dropped(tiny_llm_bundle: Path, photos) -> None:
+    from runtime.assistant import Assistant, Settings
+
+    engine = Assistant.open(tiny_llm_bundle, Settings(temperature=0, max_tokens=200), n_ctx=200)
+    try:
+        engine.set_image(photos["coffee"])  # 64 rows + the prompt: ~180 of the 200 positions
+        notices = []
+        for question in ("one?", "two?", "three?"):
+            "".join(engine.respond(question))
+            notices.append((engine.finish_reason, engine.notice or ""))
+        assert notices[0][0] == "context" and "stopped at the context limit" in notices[0][1], notices
+        assert all("dropped the" in n and "oldest turn" in n for _, n in notices[1:]), notices
+        assert engine.conversation.has_image and [t.question for t in engine.conversation.turns] == ["three?"]
+        assert engine.last_stats.kept == 64  # the image stays, on the first question kept
+    finally:
+        engine.close()
+
+
+@pytest.mark.llm
+def test_bench_chat_runs_and_reuse_evaluates_less(tiny_llm_bundle: Path, capsys) -> None:
+    from tools.bench_chat import main as bench_main
+
+    assert bench_main(["--model", str(tiny_llm_bundle), "--max-tokens", "4"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == 4
+    reused = [int(row[3].split()[0]) for row in rows]
+    fresh = [int(row[5]) for row in rows]
+    assert all(r < f for r, f in zip(reused, fresh, strict=True))  # turn 1 too: the warm-up's system line

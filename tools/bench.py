@@ -38,6 +38,7 @@ from runtime.llm import LlamaBackend, projector_out_dim
 from runtime.llm_bundle import open_language_model
 from runtime.pipeline import Pipeline
 from runtime.probe import DEFAULT_QUESTION, LlamaProbe, probe_from_manifest
+from runtime.prompt_cache import ImageRows
 from runtime.strategies.registry import available, get_strategy
 from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from tools.benchlib import decode_greedy_ms, median, sample_images, timed_ms
@@ -199,9 +200,7 @@ def _llm_run(llm: _Llm, rows: np.ndarray, decode_tokens: int) -> dict[str, float
     backend.reset()
 
     def prefill() -> None:
-        backend.eval_tokens(prompt.prefix)
-        backend.eval_embeddings(rows)
-        backend.eval_tokens(prompt.suffix)
+        backend.prefill([prompt.prefix, ImageRows(object(), rows), prompt.suffix])
 
     prefill_ms = timed_ms(prefill)[1]
     first_ms = timed_ms(lambda: int(np.argmax(backend.logits())))[1]
