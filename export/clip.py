@@ -53,6 +53,7 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     in a child process that exits before onnxruntime validates and int8 quantisation runs, so
     the peak is the larger of the two halves, not their sum.
     """
+    from export.diskspace import clean_stale
     from export.load import resolve_model
 
     if out is not None:
@@ -63,7 +64,9 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     _check_out(out, force)
     log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    clean_stale(out.parent)  # staging folders of killed exports beside the bundle
+    clean_stale(out)  # and half-written files inside it
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=out.parent))
     try:
         manifest, table = _build(resolved, staging, opset, int8, validate)
         _install(staging, out, manifest)

@@ -16,6 +16,8 @@ from runtime.errors import BundleError
 GB = 1e9
 MARGIN = 1.02  # 2 % on top of the estimate: GGUF alignment padding and metadata
 _PID_FILE = re.compile(r"^\.{1,2}llm-f16-(\d+)\.gguf(\.\w+\.tmp)?$")  # the file, or its atomic-write temp
+_PID_TEMP = re.compile(r"^\..+\.(\d+)\.\w+\.tmp$")  # runtime.atomic.atomic_path: .NAME.PID.XXXX.tmp
+_PID_STAGING = re.compile(r"^\..+\.export-(\d+)-\w+$")  # export.clip's staging folder: .NAME.export-PID-XXXX
 
 
 def require_free(folder: Path, needs: Mapping[str, int], hint: str) -> None:
@@ -51,20 +53,31 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_intermediates(folder: Path) -> int:
-    """Delete ``.llm-f16-<pid>.gguf`` files (and their ``..llm-f16-<pid>.gguf.*.tmp`` while being
-    written) whose process is gone (a killed export); returns the bytes freed."""
+def clean_stale(folder: Path) -> int:
+    """Delete what killed exports left in ``folder`` — ``.llm-f16-<pid>.gguf`` intermediates,
+    atomic-write temporaries ``.NAME.<pid>.XXXX.tmp`` and staging folders ``.NAME.export-<pid>-XXXX``
+    — whose process is gone; says what it removed, returns the bytes freed."""
     freed = 0
     if not folder.is_dir():
         return 0
-    for path in folder.iterdir():
-        match = _PID_FILE.match(path.name)
-        if match and int(match.group(1)) != os.getpid() and not pid_alive(int(match.group(1))):
-            size = path.stat().st_size
+    for path in sorted(folder.iterdir()):
+        match = _PID_FILE.match(path.name) or _PID_TEMP.match(path.name) or _PID_STAGING.match(path.name)
+        if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+            continue
+        size = _size(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
-            freed += size
-            log(f"  removed {path.name} ({size / GB:.2f} GB) left by a killed export (process {match.group(1)})")
+        freed += size
+        log(f"  removed {path.name} ({size / GB:.2f} GB) left by a killed export (process {match.group(1)})")
     return freed
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def link_or_copy(src: Path, dst: Path) -> str:

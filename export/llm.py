@@ -28,7 +28,7 @@ import gguf
 import llama_cpp
 import numpy as np
 
-from export.diskspace import clean_stale_intermediates, link_or_copy, require_free
+from export.diskspace import clean_stale, link_or_copy, require_free
 from export.gguf_llama import CheckpointTensors, read_hparams, tensor_plan, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 from runtime.atomic import atomic_path, write_json_atomic
@@ -271,7 +271,7 @@ def export_llm(
     model_dir, alias, out = _bundle_for(model, out, convert=gguf_path is None)
     manifest = _load_manifest(out, model or "CHECKPOINT")
     p = _entropyprune_layer(alias, manifest)
-    clean_stale_intermediates(out)
+    clean_stale(out)
     if gguf_path is not None:
         target, probe, source = _register(Path(gguf_path).expanduser(), out, manifest, p)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -11,6 +12,10 @@ from collections.abc import Callable
 from typing import NoReturn, TextIO
 
 from runtime.errors import UserError
+
+# OSErrors that say something about the machine (full disk, read-only or forbidden place), shown as one line
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG})
 
 
 class Terminated(KeyboardInterrupt):
@@ -41,6 +46,12 @@ def run_cli(body: Callable[[], int], prog: str) -> int:
     except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # a full disk, a read-only folder: the environment, not a bug
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
     finally:
         for number, handler in handlers.items():
             signal.signal(number, handler)

@@ -144,7 +144,7 @@ def test_require_free_adds_up_the_needs(tmp_path: Path) -> None:
 
 
 def test_stale_intermediate_of_a_dead_process_is_removed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from export.diskspace import clean_stale_intermediates
+    from export.diskspace import clean_stale
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".llm-f16-{int(dead.stdout)}.gguf"
@@ -153,8 +153,16 @@ def test_stale_intermediate_of_a_dead_process_is_removed(tmp_path: Path, capsys:
     half_written.write_bytes(b"z" * 24)
     alive = tmp_path / f".llm-f16-{os.getppid()}.gguf"  # a running process: kept
     alive.write_bytes(b"y")
-    assert clean_stale_intermediates(tmp_path) == 1024
+    temp = tmp_path / f".manifest.json.{int(dead.stdout)}.ab_12x.tmp"  # runtime.atomic's temporary
+    temp.write_bytes(b"t" * 100)
+    staging = tmp_path / f".bundle.export-{int(dead.stdout)}-k2j3"  # export.clip's staging folder
+    staging.mkdir()
+    (staging / "vision.onnx").write_bytes(b"v" * 900)
+    keep = tmp_path / ".notes.tmp"  # not ours: no pid in the name
+    keep.write_bytes(b"k")
+    assert clean_stale(tmp_path) == 2024
     assert not stale.exists() and not half_written.exists() and alive.exists()
+    assert not temp.exists() and not staging.exists() and keep.exists()
     assert "left by a killed export" in capsys.readouterr().err
 
 
@@ -204,3 +212,40 @@ def _grey_image(path: Path) -> None:
     from PIL import Image
 
     Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("code", [28, 30, 13])  # ENOSPC, EROFS, EACCES
+def test_environment_os_errors_are_one_line(code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import run_cli
+
+    def body() -> int:
+        raise OSError(code, os.strerror(code), "/bundle/vision.onnx")
+
+    assert run_cli(body, "export.clip") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"export.clip: error: {os.strerror(code)}: /bundle/vision.onnx"
+
+
+def test_other_os_errors_still_crash() -> None:
+    import errno
+
+    from runtime.cli import run_cli
+
+    def body() -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):
+        run_cli(body, "export.clip")
+
+
+def test_export_clip_removes_a_killed_exports_staging_folder(tiny_llava_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from export.clip import main
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staging = tmp_path / f".bundle.export-{int(dead.stdout)}-x1y2"  # what a kill -9 during an export leaves
+    staging.mkdir()
+    (staging / "vision.onnx.data").write_bytes(b"w" * 4096)
+    assert main(["--model", str(tiny_llava_dir), "--out", str(tmp_path / "bundle"), "--no-validate"]) == 0
+    assert not staging.exists() and "left by a killed export" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # and this run left nothing behind
