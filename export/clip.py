@@ -109,7 +109,9 @@ def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> t
                       enumerate(sorted(staging.glob("vision.int8.onnx?*")))})
         validation["int8"] = int8_report(staging / "vision.onnx", staging / "vision.int8.onnx", vc.image_size)
     io = {"vision": graph_io(staging / "vision.onnx"), "projector": graph_io(staging / "projector.onnx")}
-    return build_manifest(resolved, traced.config, traced.feature_layer, opset, files, io, validation), table
+    manifest = build_manifest(resolved, traced.config, traced.feature_layer, opset, files, io, validation)
+    manifest["sizes"] = {name: (staging / name).stat().st_size for name in files.values() if name}
+    return manifest, table
 
 
 def _install(staging: Path, out: Path, manifest: dict[str, Any]) -> None:

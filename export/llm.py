@@ -284,6 +284,7 @@ def export_llm(
     entry = {
         "gguf": target.name,
         "quant": facts["quant"],
+        "size": target.stat().st_size,
         "sha256": sha256(target),
         "n_embd": facts["n_embd"],
         "n_vocab": facts["n_vocab"],

@@ -11,13 +11,16 @@ from typing import Any
 
 from runtime.errors import BundleError
 from runtime.llm import LlamaBackend, projector_out_dim
+from runtime.manifest import bundle_file, repair_command
 
 
 def llm_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """``manifest["llm"]``; a bundle without one is a one-line BundleError."""
     entry = manifest.get("llm")
     if not isinstance(entry, dict) or "gguf" not in entry:
-        raise BundleError(f"bundle {root} has no language model; run: python -m export.llm --model ALIAS --out {root}")
+        source = manifest.get("source", {}).get("model") if isinstance(manifest.get("source"), dict) else None
+        raise BundleError(f"bundle {root} has no language model; run: python -m export.llm "
+                          f"--model {source or 'CHECKPOINT'} --out {root}")
     return entry
 
 
@@ -37,4 +40,5 @@ def open_language_model(root: str | Path, manifest: dict[str, Any], **options: A
     """The bundle's GGUF in a :class:`LlamaBackend` (``options``: its keyword arguments)."""
     root = Path(root)
     entry = llm_entry(root, manifest)
-    return checked_width(LlamaBackend(root / entry["gguf"], **options), manifest)
+    path = bundle_file(root, entry["gguf"], "llm", entry.get("size"), repair_command(manifest, root, "export.llm"))
+    return checked_width(LlamaBackend(path, **options), manifest)

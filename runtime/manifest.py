@@ -80,7 +80,35 @@ def load_manifest(bundle: str | Path) -> Manifest:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{path} is incomplete or malformed ({type(err).__name__}: {err})") from None
+    sizes = data.get("sizes") if isinstance(data.get("sizes"), dict) else {}
     for role, name in manifest.files.items():
-        if not (root / name).is_file():
-            raise BundleError(f"bundle {root} is missing {name} ({role}); re-run the export")
+        bundle_file(root, name, role, sizes.get(name), repair_command(data, root, "export.clip"))
     return manifest
+
+
+def repair_command(data: dict[str, Any], root: Path, exporter: str) -> str:
+    """The command that rewrites a bundle's files: ``exporter`` with the model it was made from."""
+    source = data.get("source", {}).get("model") if isinstance(data.get("source"), dict) else None
+    model = source if isinstance(source, str) and source else "CHECKPOINT"
+    return f"re-run: python -m {exporter} --model {model} --out {root} --force"
+
+
+def bundle_file(root: Path, name: object, role: str, size: object = None, repair: str = "re-run the export") -> Path:
+    """The bundle's file ``name`` (for ``role``): a relative path that resolves inside ``root``, an
+    existing file, and — when the manifest recorded one — of the recorded size.
+
+    A path leading outside the bundle is refused before anything is looked up there (the error
+    never tells whether such a file exists); a size that differs means another export's file.
+    """
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise BundleError(f"bundle {root}: the {role} file {name!r} in the manifest is not a name inside the bundle")
+    path = root / name
+    if root.resolve() not in path.resolve().parents:
+        raise BundleError(f"bundle {root}: the {role} file {name!r} leads outside the bundle; refused")
+    if not path.is_file():
+        raise BundleError(f"bundle {root} is missing {name} ({role}); {repair}")
+    actual = path.stat().st_size
+    if isinstance(size, int) and not isinstance(size, bool) and actual != size:
+        raise BundleError(f"bundle {root}: {name} is {actual} bytes but the manifest records {size} "
+                          f"(a file of another export); {repair}")
+    return path
