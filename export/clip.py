@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_json_atomic
-from runtime.cli import OneLineParser, log, run_cli
+from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import InputError, UserError
 from runtime.manifest import MANIFEST
 from runtime.registry import bundles_home, default_bundle_dir, known_aliases
 
 DEFAULT_OPSET = 18
+# torch's dynamo exporter writes opset 18 and up (below it, it prints a failed conversion and writes
+# 18 anyway); 23 is the newest the exporter and onnxruntime 1.31 were checked with here.
+MIN_OPSET, MAX_OPSET = 18, 23
 STEPS = 5
 
 
@@ -54,12 +57,15 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     the peak is the larger of the two halves, not their sum.
     """
     from export.diskspace import clean_stale
-    from export.load import resolve_model
+    from export.load import read_json, resolve_model
 
     if out is not None:
         _check_out(out, force)
     log(f"[1/{STEPS}] resolving {model}")
     resolved = resolve_model(model)
+    if "auto_map" in read_json(resolved.path / "config.json"):
+        log("  note: the checkpoint's config names remote code (auto_map); it is ignored, never run: "
+            "only transformers' own CLIP and LLaVA classes are used")
     out = out or default_bundle_dir(resolved.spec.alias)
     _check_out(out, force)
     log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
@@ -138,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None,
                         help="bundle directory (default: $ENTROPRUNE_BUNDLES/NAME, else "
                              "~/.cache/entroprune/bundles/NAME; NAME = the alias or the checkpoint folder's name)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    parser.add_argument("--opset", type=positive_int(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
+                        help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: {DEFAULT_OPSET})")
     parser.add_argument("--int8", action="store_true", help="also write vision.int8.onnx (default: off)")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="skip the onnxruntime-vs-PyTorch validation (default: validate)")

@@ -32,6 +32,17 @@ class VisionInfo:
     num_patches: int  # N = grid²
     projector_dim: int  # E: the projector's (and the language model's) width
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"vision.{name} must be a positive integer, got {value!r}")
+        if self.num_patches != self.grid**2 or self.grid * self.patch_size != self.image_size:
+            raise ValueError(f"vision geometry does not add up: grid {self.grid}, patch {self.patch_size}, "
+                             f"image {self.image_size}, num_patches {self.num_patches}")
+        if self.feature_layer > self.num_layers or self.heads * self.head_dim != self.hidden_size:
+            raise ValueError(f"vision feature_layer {self.feature_layer} of {self.num_layers} blocks, "
+                             f"{self.heads} heads x {self.head_dim} != hidden {self.hidden_size}")
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -65,6 +76,8 @@ def load_manifest(bundle: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{root} has no {MANIFEST}; is it a bundle written by export.clip?") from None
+    except RecursionError:
+        raise BundleError(f"cannot read {path}: nested too deeply to be a manifest") from None
     except (OSError, ValueError) as err:
         raise BundleError(f"cannot read {path}: {err}") from None
     schema = data.get("schema") if isinstance(data, dict) else None
@@ -78,7 +91,9 @@ def load_manifest(bundle: str | Path) -> Manifest:
             files={k: v for k, v in data["files"].items() if isinstance(v, str)},
             llm=data.get("llm"), data=data,
         )
-    except (KeyError, TypeError, ValueError) as err:
+        if manifest.llm is not None and not isinstance(manifest.llm, dict):
+            raise TypeError(f"llm must be an object, got {type(manifest.llm).__name__}")
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BundleError(f"{path} is incomplete or malformed ({type(err).__name__}: {err})") from None
     sizes = data.get("sizes") if isinstance(data.get("sizes"), dict) else {}
     for role, name in manifest.files.items():

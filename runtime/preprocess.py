@@ -21,6 +21,10 @@ from runtime.registry import IMAGE_MODES
 # Refuse shortest-edge resizes larger than this (about 400 MB as RGB): only "crop" mode on an
 # extreme aspect ratio gets there (beyond about 1:1189 at image_size 336).
 MAX_RESIZED_PIXELS = 1 << 27
+# LLaVA-1.5 pads to a square before resizing: a 1x40000 image becomes 40000x40000x3 bytes (4.8 GB).
+# Pillow's bomb guard sees only the 40000 pixels; this limit (Pillow's default MAX_IMAGE_PIXELS,
+# ~0.27 GB as a padded RGB square) is checked on the padded square, before anything is allocated.
+MAX_PADDED_PIXELS = 89_478_485
 
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -111,6 +115,12 @@ def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"preprocess needs a PIL.Image.Image, got {type(image).__name__}")
+    if config.mode == "pad" and max(image.size) ** 2 > MAX_PADDED_PIXELS:  # before allocating anything
+        side = max(image.size)
+        raise InputError(
+            f"image of {image.width}x{image.height} pixels would be padded to {side}x{side} "
+            f"({side * side} pixels, limit {MAX_PADDED_PIXELS}); crop or resize it first"
+        )
     rgb = to_rgb(image)  # [h, w, 3] uint8
     if config.mode == "pad":
         rgb = pad_to_square(rgb, config.pad_color)

@@ -64,3 +64,53 @@ def test_llm_gguf_outside_or_of_another_size_is_refused(tiny_llm_bundle: Path, t
     with pytest.raises(BundleError, match="python -m export.llm --model .* --force"):
         open_language_model(bundle, resized)
     open_language_model(bundle, manifest, n_ctx=64).close()  # as exported: loads
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    (lambda m: m.update(files=["vision.onnx"]), "AttributeError"),
+    (lambda m: m.update(files="vision.onnx"), "AttributeError"),
+    (lambda m: m["vision"].update(projector_dim="abc"), "projector_dim must be a positive integer"),
+    (lambda m: m["vision"].update(num_patches=1000), "geometry does not add up"),
+    (lambda m: m.update(llm="llm.gguf"), "llm must be an object"),
+])
+def test_malformed_manifest_fields_are_one_line(tiny_bundle: Path, tmp_path: Path, change, words: str) -> None:
+    from runtime.manifest import load_manifest
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    _edit(bundle, change)
+    with pytest.raises(BundleError, match=words) as err:
+        load_manifest(bundle)
+    assert "\n" not in str(err.value)
+
+
+def test_deeply_nested_manifest_is_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    from runtime.manifest import load_manifest
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    (bundle / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply"):
+        load_manifest(bundle)
+
+
+@pytest.mark.parametrize("opset", ["5", "99", "-1"])
+def test_export_clip_refuses_opsets_it_cannot_write(opset: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.clip import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "llava-1.5-7b", "--opset", opset])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "must be in 18..23" in err and len(err.splitlines()) == 1
+
+
+def test_remote_code_in_a_checkpoint_is_said_to_be_ignored(tiny_llava_dir: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from export.clip import main
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "evil.Model"}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    (ckpt / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    assert main(["--model", str(ckpt), "--out", str(tmp_path / "bundle"), "--no-validate"]) == 0
+    assert "auto_map" in capsys.readouterr().err

@@ -270,3 +270,21 @@ def test_load_image_applies_exif_orientation_and_keeps_mode(tmp_path: Path) -> N
     rgba.unlink()  # fully loaded: no lazy read from the file afterwards
     assert loaded.getpixel((0, 0)) == (1, 2, 3, 4)
 
+
+
+def test_padded_square_over_the_limit_is_refused_before_allocating() -> None:
+    import tracemalloc
+
+    from runtime.preprocess import MAX_PADDED_PIXELS
+
+    thin = Image.new("RGB", (1, 40000))  # Pillow's guard: 40,000 pixels, fine; padded: 1.6e9 pixels
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=r"1x40000 pixels would be padded to 40000x40000"):
+            preprocess(thin, config("pad"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000_000  # refused before the 4.8 GB square exists
+    side = int(MAX_PADDED_PIXELS**0.5)
+    assert preprocess(Image.new("RGB", (1, side)), config("pad")).shape == (3, 336, 336)  # at the limit: fine
