@@ -16,6 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from runtime.errors import BundleError
+from runtime.gguf_header import check_hparams
 
 LOAD_MODES = {  # how llama.cpp reads the weights
     "read": llama_cpp.LLAMA_LOAD_MODE_NONE,  # read into memory: one copy (repacked in place)
@@ -59,6 +60,7 @@ class LlamaModel:
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, load: str = "read", repack: bool = True) -> None:
         self.path = Path(path).expanduser()
         check_gguf(self.path)
+        check_hparams(self.path)  # llama.cpp aborts the process on absurd metadata
         if load not in LOAD_MODES:
             raise ValueError(f"load must be one of {sorted(LOAD_MODES)}, got {load!r}")
         _backend_init()

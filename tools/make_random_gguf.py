@@ -21,7 +21,8 @@ import gguf
 import numpy as np
 
 from runtime.atomic import atomic_path
-from runtime.cli import OneLineParser, log
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.errors import InputError
 
 WEIGHT_STD = 0.02
 QUANT_STD = {"q4_0": 4.6, "q8_0": 74.0}  # std of uniformly random 4-bit / 8-bit quants
@@ -53,8 +54,10 @@ class Shape:
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
+        if min(self.layers, self.embd, self.ff, self.heads, self.kv_heads, self.ctx) < 1:
+            raise InputError(f"every size must be >= 1, got {self}")
         if self.embd % self.heads or self.heads % self.kv_heads or self.vocab < 259:
-            raise ValueError(f"inconsistent shape {self} (embd % heads, heads % kv_heads, vocab >= 259)")
+            raise InputError(f"inconsistent shape {self} (embd % heads, heads % kv_heads, vocab >= 259)")
 
 
 PRESETS = {
@@ -163,7 +166,7 @@ def make_random_gguf(out: Path, shape: Shape, quant: str = "q4_0", seed: int = 0
     from export.llm import QUANTS, quantize_gguf
 
     if quant not in QUANTS:
-        raise ValueError(f"unknown quant {quant!r}; choose from {sorted(set(FTYPE) | set(QUANTS))}")
+        raise InputError(f"unknown quant {quant!r}; choose from {sorted(set(FTYPE) | set(QUANTS))}")
     middle = out.with_name(f".{out.name}.f16.tmp")
     try:
         write_random_gguf(middle, shape, "f16", seed)
@@ -196,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         f.name: getattr(args, f.name) for f in dataclasses.fields(Shape) if getattr(args, f.name, None) is not None
     }
-    shape = dataclasses.replace(PRESETS[args.preset], **overrides)
-    log(f"writing {args.out}: {shape}, {args.quant}")
-    print(make_random_gguf(args.out, shape, args.quant, args.seed))
-    return 0
+
+    def body() -> int:
+        shape = dataclasses.replace(PRESETS[args.preset], **overrides)
+        log(f"writing {args.out}: {shape}, {args.quant}")
+        print(make_random_gguf(args.out, shape, args.quant, args.seed))
+        return 0
+
+    return run_cli(body, "make_random_gguf")
 
 
 if __name__ == "__main__":
