@@ -98,6 +98,15 @@ def _terminal_reader(stdout: TextIO) -> Callable[[], str]:
     return read
 
 
+def _is_utf8(text: str) -> bool:
+    """False for command-line text that held undecodable bytes (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _notice(backend: ChatBackend, stderr: TextIO) -> None:
     """Say what the engine did that the user should know (turns dropped, answer cut by the context)."""
     notice = getattr(backend, "notice", None)
@@ -117,6 +126,9 @@ def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, ti
             stdout.flush()
         try:
             line = read()
+        except UnicodeDecodeError:
+            stderr.write("error: the input is not UTF-8 text; type the question again\n")
+            continue
         except KeyboardInterrupt:
             stdout.write("\n")
             continue
@@ -169,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.assistant import Assistant, Settings
         from runtime.preprocess import load_image
 
+        if args.prompt is not None and not _is_utf8(args.prompt):
+            raise UserError("--prompt is not valid UTF-8 text")
         image = load_image(args.image) if args.image else None  # bad image: fail before loading models
         options = {k: v for k, v in method_options(args).items() if v is not None}
         settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature, args.top_p,
@@ -186,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 _notice(assistant, sys.stderr)
                 if args.timings:
                     log("\n".join(assistant.stats_lines()))
+                return 0
+            if sys.stdin is None:  # started with stdin closed: nothing to read
                 return 0
             return repl(assistant, sys.stdin, sys.stdout, sys.stderr, args.timings)
         finally:

@@ -288,3 +288,25 @@ def test_bench_chat_runs_and_reuse_evaluates_less(tiny_llm_bundle: Path, capsys)
     reused = [int(row[3].split()[0]) for row in rows]
     fresh = [int(row[5]) for row in rows]
     assert all(r < f for r, f in zip(reused, fresh, strict=True))  # turn 1 too: the warm-up's system line
+
+
+def test_binary_garbage_on_stdin_is_one_line_and_the_loop_goes_on() -> None:
+    fake = FakeBackend()
+    stdin = io.TextIOWrapper(io.BytesIO(b"\xff\xfe\xfa garbage\nhello\n"), encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    assert repl(fake, stdin, out, err) == 0
+    assert "not UTF-8" in err.getvalue()
+
+
+@pytest.mark.llm
+def test_prompt_with_invalid_utf8_and_closed_stdin(tiny_llm_bundle: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    bad = os.fsdecode(b"what is \xff?")  # how Python hands undecodable argv bytes over
+    assert main(["--model", str(tiny_llm_bundle), "--prompt", bad]) == 2
+    closed = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(tiny_llm_bundle)],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr
