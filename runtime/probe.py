@@ -101,6 +101,7 @@ def run_probe(
         n_head=weights.n_head,
         n_head_kv=weights.n_head_kv,
         rope_theta=weights.rope_theta,
+        layer=weights.layer,
     )
 
 
@@ -137,6 +138,11 @@ def open_probe(root: str | Path, manifest: dict[str, Any], **options: Any) -> Ll
     if not isinstance(probe, dict):
         raise BundleError(f"bundle {root} has no probe; re-run export.llm")
     opened = LlamaProbe(root / probe["gguf"], root / probe["weights"], **options)
+    recorded = probe.get("layer")
+    if recorded is not None and int(recorded) != opened.weights.layer:
+        opened.close()
+        raise BundleError(f"{root / probe['weights']} holds layer {opened.weights.layer} but the manifest "
+                          f"records probe layer {recorded}; re-run export.llm")
     checked_width(opened.backend, manifest)
     return opened
 

@@ -1,9 +1,11 @@
-"""Synthetic encoder outputs, a linear projector and a fake LLM probe for strategy tests."""
+"""Synthetic encoder outputs, a linear projector, a fake LLM probe for strategy tests, and
+:class:`NumpyWith` for injecting a plausible bug into a product module's numpy calls."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,3 +66,17 @@ def make_inputs(n: int = 36, d: int = 12, e: int = 16, probe: bool = True,
     """PruneInputs over make_encoded, a linear projector and (optionally) a FakeProbe."""
     return PruneInputs(encoded=make_encoded(n=n, d=d, seed=seed), project=linear_projector(d, e),
                        probe=make_probe(e) if probe else None)
+
+
+class NumpyWith:
+    """numpy with some functions replaced, to monkeypatch over a product module's ``np``.
+
+    Example: ``monkeypatch.setattr(baselines, "np", NumpyWith(sort=np.asarray))`` makes that
+    module forget to sort (a negative control run through the product's own code).
+    """
+
+    def __init__(self, **replaced: Callable[..., Any]) -> None:
+        self._replaced = replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced[name] if name in self._replaced else getattr(np, name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from runtime.strategies.registry import get_strategy
 from tests.strategy_fakes import make_inputs
 
 EXACT_TOL = 1e-12  # float64 dot products of unit vectors
-EMBED_TOL = 1e-5  # float32 projector run twice on the same rows
+EMBED_TOL = 1e-5  # the ONNX float32 projector on 576 rows vs on the 64 kept rows: row-wise, same ops
 
 
 def _greedy_loop(dist: np.ndarray, k: int) -> list[int]:
@@ -90,12 +91,46 @@ def test_divprune_strategy_selects_on_projected_embeddings() -> None:
     np.testing.assert_array_equal(sel.kept, _divprune_loop(embeds, 15))
     np.testing.assert_array_equal(sel.tokens, inputs.encoded.features[sel.kept])
     assert sel.counts.tolist() == [1] * 15
-    # The pipeline projects the tokens again; a row-wise projector gives back E[kept].
-    np.testing.assert_allclose(inputs.project(sel.tokens), embeds[sel.kept], atol=EMBED_TOL)
     # Negative control: selecting on the raw features is a different set.
     assert not np.array_equal(sel.kept, _divprune_loop(inputs.encoded.features, 15))
     with pytest.raises(InputError, match="1 <= K <= N=60"):
         strategy.run(inputs, 61, strategy.make_options())
+
+
+@pytest.fixture(scope="module")
+def divprune_case(tiny_bundle, photos) -> dict:
+    """The tiny bundle's pipeline on one photo: encoder output, E = projector(all features), result."""
+    from runtime.pipeline import Pipeline
+
+    pipeline = Pipeline(tiny_bundle)
+    encoded = pipeline.encoder.encode(pipeline.pixel_values(photos["coffee"]))
+    return {"pipeline": pipeline, "encoded": encoded, "all": pipeline.projector(encoded.features),
+            "result": pipeline.prune_encoded(encoded, 64, "divprune")}
+
+
+def test_divprune_through_the_pipeline_feeds_the_rows_it_selected_on(divprune_case) -> None:
+    """The LLM gets exactly the projected rows DivPrune measured diversity on: E[kept], kept = DivPrune(E)."""
+    result, embeds = divprune_case["result"], divprune_case["all"]
+    assert result.embeddings.shape == (64, embeds.shape[1]) and result.counts.tolist() == [1] * 64
+    np.testing.assert_array_equal(result.kept, _greedy_loop(cosine_distance(embeds), 64))
+    np.testing.assert_allclose(result.embeddings, embeds[result.kept], rtol=0, atol=EMBED_TOL,
+                               err_msg="pipeline embeddings != projector(all features)[kept]")
+
+
+def test_divprune_negative_control_projected_twice(divprune_case, monkeypatch) -> None:
+    """A strategy that hands the pipeline E[kept] instead of the features gets projected twice and fails."""
+    from runtime.strategies import registry
+
+    strategy = get_strategy("divprune")
+
+    def projected_tokens(inputs, budget, options):
+        sel = strategy.run(inputs, budget, options)
+        return dataclasses.replace(sel, tokens=inputs.project(inputs.encoded.features)[sel.kept])
+
+    monkeypatch.setitem(registry._REGISTRY, "divprune", dataclasses.replace(strategy, run=projected_tokens))
+    bad = divprune_case["pipeline"].prune_encoded(divprune_case["encoded"], 64, "divprune")
+    np.testing.assert_array_equal(bad.kept, divprune_case["result"].kept)
+    assert not np.allclose(bad.embeddings, divprune_case["all"][bad.kept], rtol=0, atol=EMBED_TOL)
 
 
 @settings(max_examples=60, deadline=None)

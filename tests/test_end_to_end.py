@@ -125,3 +125,4 @@ def test_entropyprune_strategy_through_the_pipeline(setup, tiny_llm_bundle: Path
                                         probe.bind(prompt.prefix, prompt.suffix))
     np.testing.assert_array_equal(result.kept, np.sort(top_k(probe_case["device"], 64)))
     assert result.timings_ms["probe"] > 0 and "project_all" in result.timings_ms
+    assert result.report["probe_layer"] == P - 1  # the real probe's layer, not the fake's

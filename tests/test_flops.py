@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from runtime.strategies.registry import available
 from runtime.strategies.visionzip import contextual_count
+from tools import flops
 from tools.flops import (
     COST_MODELS,
     SHAPES,
@@ -63,13 +65,30 @@ def test_layer_hand_cases() -> None:
     assert llm_layer_flops(636, 4096, 11008) == LAYER_7B_636
 
 
-def test_layer_matches_matmul_loop_on_random_shapes() -> None:
+def layer_mismatches() -> list[tuple[int, int, int, bool]]:
+    """Random shapes where tools.flops' layer count, alone or inside the prefill count, differs
+    from the matmul loop (looked up on the module, so a monkeypatched variant is what runs)."""
     rng = np.random.default_rng(0)
+    bad = []
     for n, d, m in rng.integers(1, 5000, size=(50, 3)).tolist():
         for swiglu in (False, True):
-            assert llm_layer_flops(n, d, m, swiglu) == layer_loop_reference(n, d, m, swiglu)
-    # negative control: forgetting the gate projection must be caught by the reference
-    assert llm_layer_flops(7, 8, 9, swiglu=False) != layer_loop_reference(7, 8, 9, swiglu=True)
+            llm = dataclasses.replace(LLAVA_7B.llm, width=d, mlp=m)
+            expected = layer_loop_reference(n, d, m, swiglu)
+            if (flops.llm_layer_flops(n, d, m, swiglu) != expected
+                    or flops.llm_prefill_flops(n, llm, swiglu) != llm.layers * expected):
+                bad.append((n, d, m, swiglu))
+    return bad
+
+
+def test_layer_matches_matmul_loop_on_random_shapes() -> None:
+    assert layer_mismatches() == []
+
+
+def test_layer_negative_control_forgotten_gate(monkeypatch) -> None:
+    """A layer count that forgets the SwiGLU gate projection fails the same loop comparison."""
+    correct = flops.llm_layer_flops
+    monkeypatch.setattr(flops, "llm_layer_flops", lambda n, d, m, swiglu=False: correct(n, d, m))
+    assert {case[3] for case in layer_mismatches()} == {True}  # every SwiGLU shape, no other
 
 
 @given(st.integers(0, 4000), st.integers(1, 8192), st.integers(1, 30000))

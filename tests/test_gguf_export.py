@@ -19,7 +19,8 @@ from runtime.errors import InputError
 
 PARITY_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float32 logits; seen ~1e-5
 PROBE_ATOL = 1e-4  # probe hidden states, float32 on both sides; seen ~1e-6
-QUANT_ATOL = 0.5  # q8_0 vs f32 logits of the tiny model (|logits| up to ~17)
+QUANT_ATOL = 0.5  # q8_0 vs f32 logits of the tiny model (|logits| up to ~17): seen 0.32; Q4_0 gives 3.7
+Q8_STEPS = 1.0  # |q8_0 - f32| per weight in steps of amax/127: rounding gives <= 0.5 (+ f16), seen 0.52
 PROMPT = "USER: What is in this picture? ASSISTANT: A cat on a mat."
 SCHEMA = "entroprune.bundle/1"
 PRECISE = {"kv_type": "f32", "flash_attn": "off"}  # llama.cpp in float32 throughout
@@ -53,6 +54,20 @@ def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
     with LlamaBackend(path, n_ctx=128, **PRECISE) as backend:
         backend.eval_tokens(ids, output_all=True)
         return backend.logits(all_positions=True)
+
+
+def _q8_steps(quantised: Path, reference: Path) -> dict[str, float]:
+    """Per tensor: max |dequantised - f32| in q8_0 steps of the f32 tensor (max |w| / 127)."""
+    from gguf.quants import dequantize
+
+    got = {t.name: t for t in gguf.GGUFReader(quantised).tensors}
+    ref = {t.name: np.asarray(t.data, np.float32) for t in gguf.GGUFReader(reference).tensors}
+    assert sorted(got) == sorted(ref)
+    steps = {}
+    for name, want in ref.items():
+        have = dequantize(np.asarray(got[name].data), got[name].tensor_type).reshape(want.shape)
+        steps[name] = float(np.abs(have - want).max() / (np.abs(want).max() / 127))
+    return steps
 
 
 # --- q/k permutation ---------------------------------------------------------------------
@@ -221,7 +236,8 @@ def test_other_key_spellings_convert_identically(
 
 
 @pytest.mark.llm
-def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
+def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import export.llm
     from export.llm import export_llm
 
     out = _bundle(tmp_path / "q8")
@@ -230,13 +246,24 @@ def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_pa
     reader = gguf.GGUFReader(out / "llm-q8_0.gguf")
     assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     ids = [1, 423, 488, 453, 265, 327]
+    reference = _llama_logits(exported / "llm-f32.gguf", ids)
     np.testing.assert_allclose(
-        _llama_logits(out / "llm-q8_0.gguf", ids),
-        _llama_logits(exported / "llm-f32.gguf", ids),
-        rtol=0,
-        atol=QUANT_ATOL,
-        err_msg="q8_0 vs f32",
+        _llama_logits(out / "llm-q8_0.gguf", ids), reference, rtol=0, atol=QUANT_ATOL, err_msg="q8_0 vs f32"
     )
+    # Tensor by tensor within one q8_0 step of the f32 export: a wrong tensor in the quantised path
+    # (e.g. q/k rows unpermuted in the f16 intermediate: +0.03 on the logits, inside QUANT_ATOL) fails.
+    steps = _q8_steps(out / "llm-q8_0.gguf", exported / "llm-f32.gguf")
+    assert max(steps.values()) <= Q8_STEPS, {k: round(v, 2) for k, v in steps.items() if v > Q8_STEPS}
+    # Negative control: the same export with llama_ftype 2 (Q4_0) where 7 (Q8_0) belongs, a plausible
+    # slip in export.llm's QUANTS table, must fail the same bound.
+    monkeypatch.setitem(export.llm.QUANTS, "q8_0", 2)
+    coarse = _bundle(tmp_path / "q8-wrong-ftype")
+    export_llm(str(tiny_llava_dir), quant="q8_0", out=coarse)
+    coarse_reader = gguf.GGUFReader(coarse / "llm-q8_0.gguf")
+    assert coarse_reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
+    assert not np.allclose(_llama_logits(coarse / "llm-q8_0.gguf", ids), reference, rtol=0, atol=QUANT_ATOL)
+    assert max(_q8_steps(coarse / "llm-q8_0.gguf", exported / "llm-f32.gguf").values()) > Q8_STEPS
+    monkeypatch.undo()
     with pytest.raises(InputError, match="--force"):
         export_llm(str(tiny_llava_dir), quant="q8_0", out=out)
     assert not list(out.glob(".*")), "no temporary files left behind"
@@ -310,6 +337,9 @@ def test_bundle_openers_check_the_projector_width(exported: Path) -> None:
             opener(exported, wider, n_ctx=64)
     with pytest.raises(BundleError, match="no language model"):
         open_language_model(exported, {k: v for k, v in manifest.items() if k != "llm"})
+    deeper = {**manifest, "llm": {**manifest["llm"], "probe": {**manifest["llm"]["probe"], "layer": 2}}}
+    with pytest.raises(BundleError, match="holds layer 1 but the manifest records probe layer 2"):
+        open_probe(exported, deeper, n_ctx=64)
 
 
 @pytest.mark.llm

@@ -140,6 +140,9 @@ def test_probe_strategies_use_the_bundle_probe(tiny_llm_bundle: Path, photo_path
     result = run_json(capsys, str(photo_path), "--model", str(tiny_llm_bundle), "--strategy", strategy)
     assert result["strategy"] == strategy and len(result["kept"]) == 64 and result["kept"] == sorted(result["kept"])
     assert result["timings_ms"]["probe"] > 0 and "project_all" in result["timings_ms"]
+    # the real probe reports the decoder layer it read: P-1, as export.llm recorded it
+    recorded = json.loads((tiny_llm_bundle / "manifest.json").read_text())["llm"]["probe"]
+    assert result["probe_layer"] == recorded["layer"] == recorded["entropyprune_layer"] - 1
 
 
 def test_probe_strategy_without_language_model_is_one_line(tiny_bundle: Path, photo_path: Path, capsys) -> None:

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from runtime.errors import InputError
+from runtime.strategies import baselines
 from runtime.strategies.baselines import uniform_indices
 from runtime.strategies.entropy import EntropyOptions
 from runtime.strategies.registry import available, get_strategy
 from runtime.types import EncoderOutput, PruneInputs
+from tests.strategy_fakes import NumpyWith
 from tests.test_merging import MERGE_ATOL, MERGE_RTOL, loop_merge
 from tests.test_scoring import EXACT, loop_distributions, loop_entropy, loop_kl, random_attention
 from tests.test_selection import loop_select_dual, loop_top
@@ -161,11 +163,15 @@ def test_uniform_hand_case_and_float_formula() -> None:
     for k in range(1, n + 1):
         expected = [math.floor((i + 0.5) * n / k) for i in range(k)]
         np.testing.assert_array_equal(uniform_indices(n, k), expected, err_msg=f"K={k}")
-    off_by_half = [math.floor(i * n / 64) for i in range(64)]  # control: no + 0.5
-    assert not np.array_equal(uniform_indices(n, 64), off_by_half)
     sel = run("uniform", hand_inputs(), 4)
     np.testing.assert_array_equal(sel.kept, [1, 3, 5, 7])
     np.testing.assert_array_equal(sel.tokens, HAND_X[[1, 3, 5, 7]].astype(np.float32))
+
+
+def test_uniform_negative_control_off_by_half(monkeypatch) -> None:
+    """The strategy with floor(i N / K) (no + 0.5) inside fails the hand case above."""
+    monkeypatch.setattr(baselines, "uniform_indices", lambda n, k: np.arange(k, dtype=np.int64) * n // k)
+    assert run("uniform", hand_inputs(), 4).kept.tolist() != [1, 3, 5, 7]
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -178,10 +184,20 @@ def test_fastervlm_matches_loop_reference(seed: int) -> None:
     np.testing.assert_array_equal(sel.kept, expected)
     np.testing.assert_array_equal(sel.tokens, features[expected])
     np.testing.assert_array_equal(sel.counts, np.ones(32))
-    off_by_one = sorted(loop_top(np.array(dists[-2]), 32))  # control: block f - 1
-    assert not np.array_equal(sel.kept, off_by_one)
-    rank_order = loop_top(np.array(dists[-1]), 32)  # control: unsorted
-    assert not np.array_equal(sel.kept, rank_order)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fastervlm_negative_controls(seed: int, monkeypatch) -> None:
+    """An encoder one block short (S^{f-1} as the last row) and a strategy that forgets to sort
+    its indices both fail the loop-reference check above."""
+    attn = random_attention(seed, (23, 4, 144))
+    features = np.random.default_rng(seed).normal(size=(144, 8)).astype(np.float32)
+    expected = sorted(loop_top(np.array(loop_distributions(attn)[-1]), 32))
+    one_block_short = run("fastervlm", make_inputs(attn[:-1], features), 32)
+    assert not np.array_equal(one_block_short.kept, expected)
+    monkeypatch.setattr(baselines, "np", NumpyWith(sort=np.asarray))
+    unsorted = run("fastervlm", make_inputs(attn, features), 32)
+    assert not np.array_equal(unsorted.kept, expected)
 
 
 @pytest.mark.parametrize("name", ["uniform", "fastervlm"])
