@@ -158,6 +158,8 @@ def _probe(src: Path, out: Path, p: int) -> dict[str, Any]:
         "entropyprune_layer": p,
         "layer": p - 1,
         "dtype": _gguf_facts(out / PROBE_GGUF)["quant"],
+        "size": (out / PROBE_GGUF).stat().st_size,
+        "weights_size": (out / PROBE_WEIGHTS).stat().st_size,
         "sha256": sha256(out / PROBE_GGUF),
         "weights_sha256": sha256(out / PROBE_WEIGHTS),
     }

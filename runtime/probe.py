@@ -18,7 +18,7 @@ import numpy as np
 from runtime.errors import BundleError
 from runtime.llm import LlamaBackend
 from runtime.llm_bundle import checked_width, llm_entry
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, bundle_file, repair_command
 from runtime.prompt_cache import ImageRows
 from runtime.template import Conversation, conversation_segments, encode_prompt, get_template
 from runtime.types import ProbeOutput
@@ -137,7 +137,10 @@ def open_probe(root: str | Path, manifest: dict[str, Any], **options: Any) -> Ll
     probe = llm_entry(root, manifest).get("probe")
     if not isinstance(probe, dict):
         raise BundleError(f"bundle {root} has no probe; re-run export.llm")
-    opened = LlamaProbe(root / probe["gguf"], root / probe["weights"], **options)
+    repair = repair_command(manifest, root, "export.llm")
+    opened = LlamaProbe(bundle_file(root, probe.get("gguf"), "probe", probe.get("size"), repair),
+                        bundle_file(root, probe.get("weights"), "probe weights", probe.get("weights_size"), repair),
+                        **options)
     recorded = probe.get("layer")
     if recorded is not None and int(recorded) != opened.weights.layer:
         opened.close()

@@ -114,3 +114,18 @@ def test_remote_code_in_a_checkpoint_is_said_to_be_ignored(tiny_llava_dir: Path,
     (ckpt / "evil.py").write_text("raise SystemExit('remote code ran')\n")
     assert main(["--model", str(ckpt), "--out", str(tmp_path / "bundle"), "--no-validate"]) == 0
     assert "auto_map" in capsys.readouterr().err
+
+
+@pytest.mark.llm
+def test_probe_files_outside_or_of_another_size_are_refused(tiny_llm_bundle: Path, tmp_path: Path) -> None:
+    from runtime.probe import open_probe
+
+    bundle = _copy(tiny_llm_bundle, tmp_path)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    probe = manifest["llm"]["probe"]
+    for change, words in (({"gguf": "../p.gguf"}, "leads outside the bundle"),
+                          ({"weights_size": probe["weights_size"] - 1}, "another export")):
+        edited = dict(manifest, llm={**manifest["llm"], "probe": {**probe, **change}})
+        with pytest.raises(BundleError, match=words):
+            open_probe(bundle, edited)
+    open_probe(bundle, manifest, n_ctx=64).close()
