@@ -13,24 +13,20 @@ f16), quantises with ``llama_model_quantize`` and records everything under ``man
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
-import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gguf
-import llama_cpp
 import numpy as np
 
 from export.diskspace import clean_stale, link_or_copy, require_free
 from export.gguf_llama import CheckpointTensors, read_hparams, tensor_plan, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
+from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
 from runtime.atomic import atomic_path, write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import BundleError, InputError
@@ -38,11 +34,8 @@ from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
 from runtime.manifest import SCHEMA
 from runtime.registry import default_bundle_dir, is_local_path, known_aliases, load_spec
 
-QUANTS = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "f16": 1, "f32": 0}  # llama_ftype values
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
-BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q4_0": 4.5, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}  # for the disk estimate
-_QUANT_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
 @dataclass(frozen=True)
@@ -60,43 +53,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def quantize_gguf(src: Path, dst: Path, quant: str, threads: int = 0, progress: bool = False) -> None:
-    """f32/f16 GGUF ``src`` -> ``dst`` in ``quant`` with llama.cpp's ``llama_model_quantize``
-    (``threads=0``: all cores); ``progress`` shows a bar over tensors, read off llama.cpp's log."""
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANTS[quant]
-    params.nthread = threads
-    with _tensor_progress(progress, f"quantising to {quant}"):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise BundleError(f"llama_model_quantize({src.name} -> {quant}) failed with code {rc}")
-
-
-@contextlib.contextmanager
-def _tensor_progress(enabled: bool, label: str):
-    """While llama.cpp quantises, turn its "[  i/  n] name ..." log lines into a tqdm bar."""
-    if not enabled:
-        yield
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(desc=f"  {label}", unit="tensor", file=sys.stderr, leave=True)
-
-    def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        match = _QUANT_LINE.search(text.decode("utf-8", "replace")) if text else None
-        if match:
-            bar.total = int(match.group(2))
-            bar.update(int(match.group(1)) - bar.n)
-
-    callback = llama_cpp.llama_log_callback(on_log)
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        set_llama_logging(False)
-        bar.close()
 
 
 def _load_manifest(out: Path, model: str) -> dict[str, Any]:
