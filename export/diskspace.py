@@ -15,7 +15,7 @@ from runtime.errors import BundleError
 
 GB = 1e9
 MARGIN = 1.02  # 2 % on top of the estimate: GGUF alignment padding and metadata
-_PID_FILE = re.compile(r"^\.{1,2}llm-f16-(\d+)\.gguf(\.\w+\.tmp)?$")  # the file, or its atomic-write temp
+_PID_FILE = re.compile(r"^\.llm-f16-(\d+)\.gguf$")  # export.llm's f16 intermediate (its write temp: _PID_TEMP)
 _PID_TEMP = re.compile(r"^\..+\.(\d+)\.\w+\.tmp$")  # runtime.atomic.atomic_path: .NAME.PID.XXXX.tmp
 _PID_STAGING = re.compile(r"^\..+\.export-(\d+)-\w+$")  # export.clip's staging folder: .NAME.export-PID-XXXX
 
@@ -85,7 +85,7 @@ def link_or_copy(src: Path, dst: Path) -> str:
     copy after a free-space check. Returns ``"linked"`` or ``"copied"``."""
     if dst.exists() and os.path.samefile(src, dst):
         return "linked"
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")  # a name clean_stale knows after a kill -9
     try:
         os.link(src, tmp)
         os.replace(tmp, dst)

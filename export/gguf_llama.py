@@ -216,15 +216,16 @@ def _stream(
     writer = gguf.GGUFWriter(path, "llama")
     add_hparams(writer, hp, hp.n_layer, dtype, model_name)
     vocab.add_to(writer)
+    total = 0
     for name, key, _ in plan:
         shape = tensors.shape(key)
         out_dtype = _out_dtype(shape, dtype)
-        writer.add_tensor_info(name, shape, np.dtype(out_dtype), int(np.prod(shape)) * np.dtype(out_dtype).itemsize)
+        nbytes = int(np.prod(shape)) * np.dtype(out_dtype).itemsize
+        writer.add_tensor_info(name, shape, np.dtype(out_dtype), nbytes)
+        total += nbytes
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    total = sum(int(np.prod(tensors.shape(key))) * np.dtype(_out_dtype(tensors.shape(key), dtype)).itemsize
-                for _, key, _ in plan)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"  writing {dtype} GGUF", file=sys.stderr,
               disable=not progress) as bar:
         for _name, key, fix in plan:

@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from export.diskspace import clean_stale, link_or_copy, require_free
-from export.gguf_llama import CheckpointTensors, read_hparams, tensor_plan, write_llama_gguf
+from export.gguf_llama import CheckpointTensors, LlamaHParams, read_hparams, tensor_plan, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
 from runtime.atomic import atomic_path, write_json_atomic
@@ -121,9 +121,8 @@ def _probe(src: Path, out: Path, p: int) -> dict[str, Any]:
     }
 
 
-def _disk_needs(model_dir: Path, quant: str, p: int) -> dict[str, int]:
+def _disk_needs(model_dir: Path, hp: LlamaHParams, quant: str, p: int) -> dict[str, int]:
     """Bytes the conversion will hold on disk at its peak, by file (read from tensor shapes only)."""
-    hp = read_hparams(model_dir)
     tensors = CheckpointTensors(model_dir)
     sizes = [int(np.prod(tensors.shape(key))) for _, key, _ in tensor_plan(tensors, hp)]
     params, embd = sum(sizes), hp.n_vocab * hp.n_embd
@@ -266,7 +265,7 @@ def _convert_checked(model_dir: Path, out: Path, quant: str, p: int, force: bool
     existing = out / f"llm-{quant}.gguf"
     if existing.exists() and not force:
         raise InputError(f"{existing} exists; pass --force to overwrite it")
-    require_free(out, _disk_needs(model_dir, quant, p), "free some space or pass --out on a larger disk")
+    require_free(out, _disk_needs(model_dir, hp, quant, p), "free some space or pass --out on a larger disk")
     return _convert(model_dir, out, quant, p, progress)
 
 

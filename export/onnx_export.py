@@ -8,8 +8,6 @@ The example batch is 2 so that the batch axis stays dynamic (a batch-1 example s
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import logging
 import sys
 import warnings
@@ -73,16 +71,6 @@ def export_projector(projector: nn.Module, path: Path, in_dim: int, opset: int) 
     tokens = torch.export.Dim("tokens", min=1, max=65536)
     return _export(projector, (example,), path, opset, ["features"], ["embeddings"],
                    {"features": {0: batch, 1: tokens}})
-
-
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, so a
-    freed torch model would still count in the process's resident memory)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def quantize_int8(source: Path, target: Path) -> Path:

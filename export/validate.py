@@ -172,12 +172,6 @@ def check_graphs(references: dict[str, dict[str, np.ndarray]], vision_path: Path
     return checks
 
 
-def validate_export(half, vision_path: Path, projector_path: Path, feature_layer: int,
-                    image_size: int) -> list[Check]:
-    """Every output of both graphs against HF on :func:`validation_inputs`."""
-    return check_graphs(reference_outputs(half, feature_layer, image_size), vision_path, projector_path, image_size)
-
-
 def format_table(checks: list[Check]) -> str:
     """The ✓/✗ table printed after export."""
     lines = [f"{'':2}{'graph':10}{'input':12}{'output':12}{'shape':22}{'max |Δ|':>12}{'tolerance':>12}"]

@@ -1,10 +1,10 @@
 """The model side of a chat: image → pruned embeddings → llama.cpp, with per-stage timings.
 
-``Assistant.respond(question)`` streams the answer. The image is encoded once per image; it is
-pruned once per (strategy, budget, prompt) and the result cached. Every turn re-evaluates the
-whole conversation (system line, image rows, history) from position 0: with 64–192 image rows
-this prefill is short next to decoding, and it keeps the KV cache exactly equal to the template
-(the text of earlier answers is re-tokenized as the template renders it).
+``Assistant.respond(question)`` streams the answer. The image is encoded once per image (the last
+few encodings are kept by pixel digest); it is pruned once per (strategy, budget, options, and the
+first question for the probe strategies) and the result cached. Each turn evaluates only what the
+KV cache does not already hold (:meth:`runtime.llm_context.LlamaContext.prefill`); earlier answers
+are fed back as the token ids the model generated.
 """
 
 from __future__ import annotations
@@ -209,8 +209,7 @@ class Assistant:
 
         The KV cache is reused up to the first position where the new prompt differs from what
         it holds (the previous turns, the same image rows); when the conversation no longer fits
-        the context, the oldest turns after the first (which carries the image) are dropped and
-        :attr:`notice` says so.
+        the context, the oldest turns are dropped (the image stays) and :attr:`notice` says so.
         """
         if not question.strip():
             raise InputError("empty question")

@@ -85,7 +85,7 @@ def _command(backend: ChatBackend, line: str, out: TextIO) -> bool:
     return True
 
 
-def _terminal_reader(stdout: TextIO) -> Callable[[], str]:
+def _terminal_reader() -> Callable[[], str]:
     """Read lines with readline (history, arrow keys, line editing) from a terminal; "" at Ctrl-D."""
     import readline  # noqa: F401 - importing it gives input() line editing and history
 
@@ -117,11 +117,12 @@ def _notice(backend: ChatBackend, stderr: TextIO) -> None:
 def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, timings: bool = False) -> int:
     """Read questions and commands until /quit or end of input; errors are one line and the loop goes on."""
     interactive = stdin.isatty()
-    read = _terminal_reader(stdout) if interactive and stdin is sys.stdin else stdin.readline
+    line_editing = interactive and stdin is sys.stdin  # readline's input() writes its own prompt
+    read = _terminal_reader() if line_editing else stdin.readline
     if interactive:
         stdout.write("type a question, /help for commands, Ctrl-D to quit\n")
     while True:
-        if interactive and read is stdin.readline:
+        if interactive and not line_editing:
             stdout.write("> ")
             stdout.flush()
         try:

@@ -11,16 +11,15 @@ from typing import Any
 
 from runtime.errors import BundleError
 from runtime.llm import LlamaBackend, projector_out_dim
-from runtime.manifest import bundle_file, repair_command
+from runtime.manifest import bundle_file, repair_command, source_model
 
 
 def llm_entry(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """``manifest["llm"]``; a bundle without one is a one-line BundleError."""
     entry = manifest.get("llm")
     if not isinstance(entry, dict) or "gguf" not in entry:
-        source = manifest.get("source", {}).get("model") if isinstance(manifest.get("source"), dict) else None
         raise BundleError(f"bundle {root} has no language model; run: python -m export.llm "
-                          f"--model {source or 'CHECKPOINT'} --out {root}")
+                          f"--model {source_model(manifest)} --out {root}")
     return entry
 
 

@@ -114,7 +114,7 @@ class LlamaContext:
         arr = np.asarray(ids, dtype=np.int32).reshape(-1)
         if arr.size and (arr.min() < 0 or arr.max() >= self.model.n_vocab):
             raise ValueError(f"token ids must be in [0, {self.model.n_vocab}), got [{arr.min()}, {arr.max()}]")
-        return self._eval(arr, False, output_all, [("t", int(t)) for t in arr])
+        return self._eval(arr, False, output_all, identities([arr]))
 
     def eval_embeddings(self, rows: np.ndarray, output_all: bool = False, key: Hashable | None = None,
                         start: int = 0) -> np.ndarray:
@@ -124,7 +124,7 @@ class LlamaContext:
             raise ValueError(f"embedding rows must be [M, {self.model.n_embd}], got {rows.shape}")
         ident: Hashable = object() if key is None else key
         data = np.ascontiguousarray(rows[start:], dtype=np.float32)
-        return self._eval(data, True, output_all, [(ident, i) for i in range(start, rows.shape[0])])
+        return self._eval(data, True, output_all, identities([ImageRows(ident, rows)])[start:])
 
     def prefill(self, pieces: Sequence[PromptPiece], output_all: bool = False) -> Prefill:
         """Make the sequence equal ``pieces`` (token ids and image rows, in order), evaluating

@@ -101,11 +101,15 @@ def load_manifest(bundle: str | Path) -> Manifest:
     return manifest
 
 
+def source_model(data: dict[str, Any]) -> str:
+    """The ``--model`` a bundle was exported from (``source.model``), or ``CHECKPOINT`` if unknown."""
+    source = data.get("source", {}).get("model") if isinstance(data.get("source"), dict) else None
+    return source if isinstance(source, str) and source else "CHECKPOINT"
+
+
 def repair_command(data: dict[str, Any], root: Path, exporter: str) -> str:
     """The command that rewrites a bundle's files: ``exporter`` with the model it was made from."""
-    source = data.get("source", {}).get("model") if isinstance(data.get("source"), dict) else None
-    model = source if isinstance(source, str) and source else "CHECKPOINT"
-    return f"re-run: python -m {exporter} --model {model} --out {root} --force"
+    return f"re-run: python -m {exporter} --model {source_model(data)} --out {root} --force"
 
 
 def bundle_file(root: Path, name: object, role: str, size: object = None, repair: str = "re-run the export") -> Path:

@@ -11,6 +11,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -90,10 +91,16 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise InputError(f"image not found: {name}")
     if not os.path.isfile(name):
         raise InputError(f"not a file: {name}")
+    return decode_image(name, name)
+
+
+def decode_image(source: str | BinaryIO, name: str) -> Image.Image:
+    """Fully decode and EXIF-orient ``source`` (a path or an open binary file, e.g. an HTTP
+    request's bytes); ``name`` is how errors call it. Bombs and broken data are an InputError."""
     try:
         with warnings.catch_warnings():  # process-wide filter for this call (not thread-safe)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as image:
+            with Image.open(source) as image:
                 image.load()
                 return ImageOps.exif_transpose(image)  # a loaded copy, also without a tag
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -34,10 +34,6 @@ class Prefill:
     evaluated: int
     reused: int
 
-    @property
-    def total(self) -> int:
-        return self.evaluated + self.reused
-
 
 def identities(pieces: Sequence[PromptPiece]) -> list[Hashable]:
     """One hashable per position: ``("t", id)`` for a token, ``(key, i)`` for image row i."""

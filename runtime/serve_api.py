@@ -16,11 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.assistant import Settings
 from runtime.errors import ContextOverflowError, InputError, UserError
+from runtime.preprocess import decode_image as decode_image_file
 
 # A phone photo is 12-50 megapixels; Pillow's own bomb limit is ~89 M (an error only at twice that).
 MAX_IMAGE_PIXELS = 50_000_000
@@ -277,10 +278,5 @@ def _image_size(data: bytes, param: str) -> tuple[int, int]:
 
 
 def decode_image(image: ImageData) -> Image.Image:
-    """Fully decode a checked image (EXIF-oriented, as ``runtime.preprocess.load_image``); InputError if broken."""
-    try:
-        with Image.open(io.BytesIO(image.data)) as opened:
-            opened.load()
-            return ImageOps.exif_transpose(opened)
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise InputError(f"cannot decode the image: {' '.join(str(err).split()) or type(err).__name__}") from None
+    """Fully decode a checked image as ``runtime.chat`` decodes a file; InputError if broken."""
+    return decode_image_file(io.BytesIO(image.data), "(the request's image_url)")

@@ -149,7 +149,8 @@ def test_stale_intermediate_of_a_dead_process_is_removed(tmp_path: Path, capsys:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".llm-f16-{int(dead.stdout)}.gguf"
     stale.write_bytes(b"x" * 1000)
-    half_written = tmp_path / f"..llm-f16-{int(dead.stdout)}.gguf.k3j2_x.tmp"  # killed while writing it
+    pid = int(dead.stdout)
+    half_written = tmp_path / f"..llm-f16-{pid}.gguf.{pid}.k3j2_x.tmp"  # killed while writing it (atomic_path)
     half_written.write_bytes(b"z" * 24)
     alive = tmp_path / f".llm-f16-{os.getppid()}.gguf"  # a running process: kept
     alive.write_bytes(b"y")
