@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import UserError
-from runtime.llm import DEFAULT_N_CTX, KV_TYPES
+from runtime.llm import DEFAULT_N_CTX, KV_TYPES, set_llama_logging
 from runtime.prune import add_pipeline_arguments, method_options
 from runtime.registry import bundle_path
 
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="layers llama.cpp offloads to a GPU; needs llama-cpp-python built with CUDA or "
                              "Metal (see README) (default: 0, CPU only)")
     parser.add_argument("--timings", action="store_true", help="print per-stage timings to stderr after answers")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show llama.cpp's log: buffer sizes of the weights, KV cache and compute (default: off)")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in method_options(args).items() if v is not None}
         settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature, args.top_p,
                             args.seed)
+        set_llama_logging(args.verbose)
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)
         assistant = Assistant.open(bundle, settings, args.threads, args.provider, args.n_ctx, args.int8,

@@ -31,12 +31,14 @@ _STDERR = llama_cpp.llama_log_callback(
 @functools.cache
 def _backend_init() -> None:
     llama_cpp.llama_backend_init()
-    set_llama_logging(False)  # quiet unless a CLI asks for llama.cpp's log (--verbose)
 
 
 def set_llama_logging(verbose: bool) -> None:
     """Route llama.cpp's log to stderr (``verbose``) or nowhere; the setting is process-wide."""
     llama_cpp.llama_log_set(_STDERR if verbose else _SILENT, ctypes.c_void_p(0))
+
+
+set_llama_logging(False)  # quiet from the start; a CLI's --verbose turns llama.cpp's log on
 
 
 def check_gguf(path: Path) -> None:

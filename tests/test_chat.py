@@ -310,3 +310,16 @@ def test_prompt_with_invalid_utf8_and_closed_stdin(tiny_llm_bundle: Path, tmp_pa
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert closed.returncode == 0 and "Traceback" not in closed.stderr
+
+
+@pytest.mark.llm
+def test_verbose_shows_llama_cpp_buffer_sizes_and_default_is_quiet(tiny_llm_bundle: Path) -> None:
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "runtime.chat", "--model", str(tiny_llm_bundle), "--prompt", "hi",
+            "--max-tokens", "2"]
+    runs = {flag: subprocess.run([*argv, *flag], capture_output=True, text=True, timeout=120,
+                                 cwd=Path(__file__).resolve().parents[1]) for flag in ((), ("--verbose",))}
+    assert "KV buffer size" in runs[("--verbose",)].stderr
+    assert "buffer size" not in runs[()].stderr
