@@ -2,26 +2,22 @@
 
 Writes ``vision.onnx`` (features, [CLS]→patch attention rows of blocks 1..f, head-mean keys of
 block f; the graph ends at block f), ``projector.onnx`` and ``manifest.json`` (optionally
-``vision.int8.onnx``). Everything is written to a temporary directory beside ``--out`` and
-moved into place only after validation passed.
+``vision.int8.onnx``) into the bundle's folder ``vision.<export_id>/``; ``manifest.json`` is
+replaced to name them only after validation passed (all or nothing: :mod:`export.bundle_writer`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import write_json_atomic
+from export.bundle_writer import BundleUpdate, bundle_update, read_manifest, stamp_onnx
+from runtime.bundle_check import file_sha256
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import InputError, UserError
-from runtime.manifest import MANIFEST
-from runtime.registry import bundles_home, default_bundle_dir, known_aliases
+from runtime.model_registry import bundles_home, default_bundle_dir, known_aliases
 
 DEFAULT_OPSET = 18
 # torch's dynamo exporter writes opset 18 and up (below it, it prints a failed conversion and writes
@@ -69,15 +65,10 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     out = out or default_bundle_dir(resolved.spec.alias)
     _check_out(out, force)
     log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(out.parent)  # staging folders of killed exports beside the bundle
-    clean_stale(out)  # and half-written files inside it
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-{os.getpid()}-", dir=out.parent))
-    try:
-        manifest, table = _build(resolved, staging, opset, int8, validate)
-        _install(staging, out, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    clean_stale(out.parent)  # staging folders that killed exports of older versions left beside the bundle
+    with bundle_update(out, "vision") as update:
+        manifest, table = _build(resolved, update.folder, opset, int8, validate)
+        install_vision(update, manifest)
     return ExportResult(out, manifest, table)
 
 
@@ -115,26 +106,31 @@ def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> t
                       enumerate(sorted(staging.glob("vision.int8.onnx?*")))})
         validation["int8"] = int8_report(staging / "vision.onnx", staging / "vision.int8.onnx", vc.image_size)
     io = {"vision": graph_io(staging / "vision.onnx"), "projector": graph_io(staging / "projector.onnx")}
-    manifest = build_manifest(resolved, traced.config, traced.feature_layer, opset, files, io, validation)
-    manifest["sizes"] = {name: (staging / name).stat().st_size for name in files.values() if name}
-    return manifest, table
+    return build_manifest(resolved, traced.config, traced.feature_layer, opset, files, io, validation), table
 
 
-def _install(staging: Path, out: Path, manifest: dict[str, Any]) -> None:
-    """Move the staged files into ``out``; keep an existing language-model section."""
-    log(f"[5/{STEPS}] writing {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / MANIFEST
-    if previous.is_file():
-        try:
-            old = json.loads(previous.read_text(encoding="utf-8"))
-        except ValueError:
-            old = {}
-        if isinstance(old, dict) and "llm" in old:
-            manifest["llm"] = old["llm"]
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
-    write_json_atomic(out / MANIFEST, manifest)  # last: a bundle is complete once it has a manifest
+def install_vision(update: BundleUpdate, manifest: dict[str, Any]) -> None:
+    """Commit the vision half staged in ``update.folder``: stamp every ONNX graph with the export
+    id, name the files bundle-relative with their sizes, and keep the bundle's language model
+    only if it was exported for the same model and width (else it is dropped, with a note)."""
+    log(f"[5/{STEPS}] writing {update.out}")
+    files = {role: update.name(update.folder / name) for role, name in manifest["files"].items() if name}
+    for name in files.values():
+        if name.endswith(".onnx"):
+            stamp_onnx(update.out / name, update.export_id)
+    manifest.update(files=files, export_id=update.export_id,
+                    sizes={name: (update.out / name).stat().st_size for name in files.values()},
+                    sha256={name: file_sha256(update.out / name) for name in files.values()})
+    previous = read_manifest(update.out)
+    if isinstance(previous.get("llm"), dict):
+        same = (previous.get("source") == manifest["source"]
+                and (previous.get("vision") or {}).get("projector_dim") == manifest["vision"]["projector_dim"])
+        if same:
+            manifest["llm"] = previous["llm"]
+        else:
+            log("  note: the bundle's language model was exported for another model; it is removed "
+                f"(run: python -m export.llm --model {manifest['source']['model']} --out {update.out})")
+    update.commit(manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:

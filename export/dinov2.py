@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.clip import ExportResult, ValidationFailed, _check_out, _install
+from export.bundle_writer import bundle_update
+from export.clip import ExportResult, ValidationFailed, _check_out, install_vision
 from export.imgfocus import (
     ONNX_MEMBER,
     PACKAGE,
@@ -228,9 +227,8 @@ def export_dinov2(onnx_path: Path | None, out: Path, image_size: int = DEFAULT_I
     num_layers, patch = model.config.num_hidden_layers, model.config.patch_size
     f = num_layers if feature_layer is None else feature_layer
     _check_geometry(f, num_layers, image_size, patch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
-    try:
+    with bundle_update(out, "vision") as update:
+        staging = update.folder
         log(f"[3/{STEPS}] exporting vision.onnx (blocks 1..{f} of {num_layers}, {image_size}px) and projector.onnx")
         export_vision(Dinov2WithAttention(model, f).eval(), staging / "vision.onnx", image_size, opset)
         export_projector(IdentityProjector().eval(), staging / "projector.onnx", model.config.hidden_size, opset)
@@ -246,9 +244,7 @@ def export_dinov2(onnx_path: Path | None, out: Path, image_size: int = DEFAULT_I
                       "original_tolerances": {k: list(v) for k, v in ORIGINAL_TOLERANCES.items()}}
         io = {"vision": graph_io(staging / "vision.onnx"), "projector": graph_io(staging / "projector.onnx")}
         manifest = dinov2_manifest(source, model, f, image_size, opset, io, validation)
-        _install(staging, out, manifest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        install_vision(update, manifest)
     return ExportResult(out, manifest, table)
 
 

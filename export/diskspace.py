@@ -64,7 +64,7 @@ def clean_stale(folder: Path) -> int:
         match = _PID_FILE.match(path.name) or _PID_TEMP.match(path.name) or _PID_STAGING.match(path.name)
         if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             continue
-        size = _size(path)
+        size = tree_size(path)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -74,7 +74,8 @@ def clean_stale(folder: Path) -> int:
     return freed
 
 
-def _size(path: Path) -> int:
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size

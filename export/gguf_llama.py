@@ -22,6 +22,7 @@ from export.checkpoint import Checkpoint
 from export.gguf_vocab import SpmVocab, read_spm_vocab
 from runtime.atomic import atomic_path
 from runtime.errors import ModelNotFoundError
+from runtime.manifest import EXPORT_ID_KEY
 
 # decoder-prefix / lm_head spellings: transformers >= 4.52 LLaVA, original llava-hf, plain LLaMA
 DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -177,9 +178,11 @@ def write_llama_gguf(
     dtype: str = "f16",
     permute: bool = True,
     progress: bool = False,
+    export_id: str | None = None,
 ) -> LlamaHParams:
     """Convert the checkpoint's language model into one GGUF at ``out`` (f32 or f16); ``progress``
-    shows a tqdm bar over the bytes written (stderr).
+    shows a tqdm bar over the bytes written (stderr); ``export_id`` is stored under
+    ``runtime.manifest.EXPORT_ID_KEY`` (``llama_model_quantize`` copies it to the quantised file).
 
     ``permute=False`` skips the q/k permutation; it exists only for the negative-control test.
     """
@@ -197,7 +200,7 @@ def write_llama_gguf(
         raise ModelNotFoundError(f"embed_tokens is {embd_shape}, config says {(hp.n_vocab, hp.n_embd)}")
     plan = tensor_plan(tensors, hp, permute)
     with atomic_path(out) as tmp:
-        _stream(tensors, plan, hp, vocab, tmp, dtype, model_dir.name, progress)
+        _stream(tensors, plan, hp, vocab, tmp, dtype, (model_dir.name, export_id), progress)
     return hp
 
 
@@ -208,13 +211,17 @@ def _stream(
     vocab: SpmVocab,
     path: Path,
     dtype: str,
-    model_name: str,
+    names: tuple[str, str | None],
     progress: bool,
 ) -> None:
     """Write header, metadata and tensor infos, then each tensor as it is loaded (one at a time:
     the largest, a 7B's embedding table, is ~0.5 GB in float32)."""
+    """``names``: the model's name and the export id (None: none recorded)."""
     writer = gguf.GGUFWriter(path, "llama")
+    model_name, export_id = names
     add_hparams(writer, hp, hp.n_layer, dtype, model_name)
+    if export_id is not None:
+        writer.add_string(EXPORT_ID_KEY, export_id)
     vocab.add_to(writer)
     total = 0
     for name, key, _ in plan:

@@ -20,6 +20,7 @@ import numpy as np
 from export.gguf_llama import unpermute_qk
 from runtime.atomic import atomic_path, write_atomic
 from runtime.errors import BundleError
+from runtime.manifest import EXPORT_ID_KEY
 from runtime.probe import ProbeWeights
 
 ARCH = "llama"
@@ -49,8 +50,9 @@ def _check_arch(reader: gguf.GGUFReader) -> None:
         raise BundleError(f"{reader.path}: architecture {found!r}; the probe needs a {ARCH!r} GGUF")
 
 
-def write_probe_gguf(src: Path, out: Path, layer: int) -> None:
-    """Write blocks ``0..layer-1`` of ``src`` with ``blk.{layer}.attn_norm`` as output_norm."""
+def write_probe_gguf(src: Path, out: Path, layer: int, export_id: str) -> None:
+    """Write blocks ``0..layer-1`` of ``src`` with ``blk.{layer}.attn_norm`` as output_norm, and
+    ``export_id`` under ``runtime.manifest.EXPORT_ID_KEY`` (whatever id ``src`` carries)."""
     reader = gguf.GGUFReader(src)
     _check_arch(reader)
     block_count = f"{ARCH}.block_count"
@@ -72,11 +74,12 @@ def write_probe_gguf(src: Path, out: Path, layer: int) -> None:
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(tmp, ARCH)
         for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, block_count):
+            if key.startswith("GGUF.") or key in (gguf.Keys.General.ARCHITECTURE, block_count, EXPORT_ID_KEY):
                 continue
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, _field_value(field), field.types[0], sub_type=sub)
         writer.add_block_count(layer)
+        writer.add_string(EXPORT_ID_KEY, export_id)
         for name, tensor in zip(names, keep, strict=True):
             writer.add_tensor_info(
                 name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, raw_dtype=tensor.tensor_type
@@ -109,6 +112,8 @@ def read_probe_weights(src: Path, layer: int) -> ProbeWeights:
     return ProbeWeights(q, k, n_head, n_head_kv, rope_theta, layer)
 
 
-def save_probe_weights(path: Path, weights: ProbeWeights) -> None:
-    """Write ``probe_weights.npz`` atomically (members: :meth:`ProbeWeights.arrays`)."""
-    write_atomic(path, lambda handle: np.savez(handle, **weights.arrays()))
+def save_probe_weights(path: Path, weights: ProbeWeights, export_id: str) -> None:
+    """Write ``probe_weights.npz`` atomically (members: :meth:`ProbeWeights.arrays` and
+    ``export_id``, a 0-d unicode array)."""
+    arrays = {**weights.arrays(), "export_id": np.array(export_id)}
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))

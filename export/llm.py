@@ -13,7 +13,6 @@ f16), quantises with ``llama_model_quantize`` and records everything under ``man
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -23,16 +22,18 @@ from typing import Any
 import gguf
 import numpy as np
 
-from export.diskspace import clean_stale, link_or_copy, require_free
+from export.bundle_writer import BundleUpdate, bundle_update
+from export.diskspace import link_or_copy, require_free
 from export.gguf_llama import CheckpointTensors, LlamaHParams, read_hparams, tensor_plan, write_llama_gguf
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
-from runtime.atomic import atomic_path, write_json_atomic
+from runtime.atomic import atomic_path
+from runtime.bundle_check import file_sha256
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import BundleError, InputError
 from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
 from runtime.manifest import SCHEMA
-from runtime.registry import default_bundle_dir, is_local_path, known_aliases, load_spec
+from runtime.model_registry import default_bundle_dir, is_local_path, known_aliases, load_spec
 
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
@@ -45,14 +46,6 @@ class LlmExport:
     out: Path  # the bundle directory
     entry: dict[str, Any]  # manifest["llm"]
     table: str  # the validation table (markdown)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_manifest(out: Path, model: str) -> dict[str, Any]:
@@ -103,21 +96,23 @@ def _gguf_facts(path: Path) -> dict[str, Any]:
     }
 
 
-def _probe(src: Path, out: Path, p: int) -> dict[str, Any]:
-    """Write probe.gguf + probe_weights.npz cut from ``src`` at layer P-1; their manifest entry."""
+def _probe(src: Path, update: BundleUpdate, p: int) -> dict[str, Any]:
+    """Write probe.gguf + probe_weights.npz cut from ``src`` at layer P-1 into the staging folder;
+    their manifest entry."""
     log(f"  probe: blocks 0..{p - 2}, output_norm = blk.{p - 1}.attn_norm")
-    write_probe_gguf(src, out / PROBE_GGUF, p - 1)
-    save_probe_weights(out / PROBE_WEIGHTS, read_probe_weights(src, p - 1))
+    probe, weights = update.folder / PROBE_GGUF, update.folder / PROBE_WEIGHTS
+    write_probe_gguf(src, probe, p - 1, update.export_id)
+    save_probe_weights(weights, read_probe_weights(src, p - 1), update.export_id)
     return {
-        "gguf": PROBE_GGUF,
-        "weights": PROBE_WEIGHTS,
+        "gguf": update.name(probe),
+        "weights": update.name(weights),
         "entropyprune_layer": p,
         "layer": p - 1,
-        "dtype": _gguf_facts(out / PROBE_GGUF)["quant"],
-        "size": (out / PROBE_GGUF).stat().st_size,
-        "weights_size": (out / PROBE_WEIGHTS).stat().st_size,
-        "sha256": sha256(out / PROBE_GGUF),
-        "weights_sha256": sha256(out / PROBE_WEIGHTS),
+        "dtype": _gguf_facts(probe)["quant"],
+        "size": probe.stat().st_size,
+        "weights_size": weights.stat().st_size,
+        "sha256": file_sha256(probe),
+        "weights_sha256": file_sha256(weights),
     }
 
 
@@ -135,22 +130,23 @@ def _disk_needs(model_dir: Path, hp: LlamaHParams, quant: str, p: int) -> dict[s
     return needs
 
 
-def _convert(model_dir: Path, out: Path, quant: str, p: int, progress: bool) -> tuple[Path, dict[str, Any]]:
-    """Checkpoint -> llm-<quant>.gguf (via an f16 intermediate when quantising) and the probe.
+def _convert(model_dir: Path, update: BundleUpdate, quant: str, p: int, progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Checkpoint -> llm-<quant>.gguf (via an f16 intermediate when quantising) and the probe,
+    all in the staging folder.
 
     The intermediate is deleted when done, when anything fails and on SIGTERM (the CLI turns
-    it into KeyboardInterrupt); one left by a kill -9 is removed by the next run.
+    it into KeyboardInterrupt); one left by a kill -9 goes with its staging folder on the next run.
     """
-    target = out / f"llm-{quant}.gguf"
+    target = update.folder / f"llm-{quant}.gguf"
     if quant in ("f32", "f16"):
         log(f"[1/3] converting {model_dir} -> {target.name}")
-        write_llama_gguf(model_dir, target, quant, progress=progress)
-        return target, _probe(target, out, p)
-    middle = out / f".llm-f16-{os.getpid()}.gguf"
+        write_llama_gguf(model_dir, target, quant, progress=progress, export_id=update.export_id)
+        return target, _probe(target, update, p)
+    middle = update.folder / f".llm-f16-{os.getpid()}.gguf"
     try:
         log(f"[1/3] converting {model_dir} -> f16 intermediate")
-        write_llama_gguf(model_dir, middle, "f16", progress=progress)
-        probe = _probe(middle, out, p)
+        write_llama_gguf(model_dir, middle, "f16", progress=progress, export_id=update.export_id)
+        probe = _probe(middle, update, p)
         log(f"[2/3] quantising -> {target.name}")
         with atomic_path(target) as tmp:
             quantize_gguf(middle, tmp, quant, progress=progress)
@@ -226,35 +222,38 @@ def export_llm(
         raise InputError("--quant does not apply with --gguf (the registered file's own type is recorded)")
     set_llama_logging(verbose)
     model_dir, alias, out = _bundle_for(model, out, convert=gguf_path is None)
-    manifest = _load_manifest(out, model or "CHECKPOINT")
-    p = _entropyprune_layer(alias, manifest)
-    clean_stale(out)
-    if gguf_path is not None:
-        target, probe, source = _register(Path(gguf_path).expanduser(), out, manifest, p)
-    else:
-        target, probe = _convert_checked(model_dir, out, quant or _default_quant(model), p, force, manifest,
-                                         progress)
-        source = model
-    facts = _gguf_facts(target)
-    log("[3/3] validating in llama.cpp and writing the manifest")
-    table = _validate(target, out / PROBE_GGUF, facts["n_embd"])
-    entry = {
-        "gguf": target.name,
-        "quant": facts["quant"],
-        "size": target.stat().st_size,
-        "sha256": sha256(target),
-        "n_embd": facts["n_embd"],
-        "n_vocab": facts["n_vocab"],
-        "source": source,
-        "probe": probe,
-    }
-    manifest["llm"] = entry
-    write_json_atomic(out / MANIFEST, manifest)
+    _load_manifest(out, model or "CHECKPOINT")  # refuse a missing bundle before taking its lock
+    with bundle_update(out, "llm") as update:
+        manifest = _load_manifest(out, model or "CHECKPOINT")  # as it is now that no one else writes
+        p = _entropyprune_layer(alias, manifest)
+        if gguf_path is not None:
+            target, probe, source = _register(Path(gguf_path).expanduser(), update, manifest, p)
+        else:
+            target, probe = _convert_checked(model_dir, update, quant or _default_quant(model), p, force,
+                                             manifest, progress)
+            source = model
+        facts = _gguf_facts(target)
+        log("[3/3] validating in llama.cpp and writing the manifest")
+        table = _validate(target, update.folder / PROBE_GGUF, facts["n_embd"])
+        entry = {
+            "gguf": update.name(target),
+            "quant": facts["quant"],
+            "size": target.stat().st_size,
+            "sha256": file_sha256(target),
+            "n_embd": facts["n_embd"],
+            "n_vocab": facts["n_vocab"],
+            "source": source,
+            "export_id": update.export_id,
+            "registered": gguf_path is not None,
+            "probe": probe,
+        }
+        manifest["llm"] = entry
+        update.commit(manifest)
     return LlmExport(out, entry, table)
 
 
-def _convert_checked(model_dir: Path, out: Path, quant: str, p: int, force: bool, manifest: dict[str, Any],
-                     progress: bool) -> tuple[Path, dict[str, Any]]:
+def _convert_checked(model_dir: Path, update: BundleUpdate, quant: str, p: int, force: bool,
+                     manifest: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
     """Refuse what cannot work before writing anything (type, width, P, overwrite, free disk)."""
     if quant not in QUANTS:
         raise InputError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
@@ -262,31 +261,34 @@ def _convert_checked(model_dir: Path, out: Path, quant: str, p: int, force: bool
     _check_width(hp.n_embd, manifest)
     if not 2 <= p <= hp.n_layer:
         raise InputError(f"entropyprune_layer P={p} must be in 2..{hp.n_layer} (the probe keeps P-1 >= 1 layers)")
-    existing = out / f"llm-{quant}.gguf"
-    if existing.exists() and not force:
-        raise InputError(f"{existing} exists; pass --force to overwrite it")
-    require_free(out, _disk_needs(model_dir, hp, quant, p), "free some space or pass --out on a larger disk")
-    return _convert(model_dir, out, quant, p, progress)
+    existing = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
+    if existing and not force:
+        raise InputError(f"{update.out} already has a language model ({existing.get('gguf')}); "
+                         "pass --force to replace it")
+    require_free(update.out, _disk_needs(model_dir, hp, quant, p), "free some space or pass --out on a larger disk")
+    return _convert(model_dir, update, quant, p, progress)
 
 
 def _default_quant(model: str) -> str:
     return load_spec(model).gguf_quant if model in known_aliases() else "q4_k_m"
 
 
-def _register(path: Path, out: Path, manifest: dict[str, Any], p: int) -> tuple[Path, dict[str, Any], str]:
+def _register(path: Path, update: BundleUpdate, manifest: dict[str, Any], p: int) -> tuple[Path, dict[str, Any], str]:
     """An existing GGUF: check it, put it into the bundle (hard link, else copy) so that the
-    bundle can be moved, and cut the probe from it as stored."""
+    bundle can be moved, and cut the probe from it as stored. The user's file is never
+    modified, so it carries no export id (the manifest says ``registered``; its size is
+    checked on load and its sha256 by ``runtime.prune --check``)."""
     if not path.is_file():
         raise BundleError(f"no GGUF file at {path}")
     facts = _gguf_facts(path)
     if facts["arch"] != "llama":
         raise BundleError(f"{path} has architecture {facts['arch']!r}; only 'llama' GGUFs are supported")
     _check_width(facts["n_embd"], manifest)
-    target = out / f"llm-{facts['quant']}.gguf"
+    target = update.folder / f"llm-{facts['quant']}.gguf"
     log(f"[1/3] registering {path} as {target.name}")
     how = link_or_copy(path, target)
-    log(f"  {how} into {out}")
-    return target, _probe(target, out, p), str(path.resolve())
+    log(f"  {how} into {update.out}")
+    return target, _probe(target, update, p), str(path.resolve())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="register this existing llama GGUF instead of converting (default: convert)",
     )
-    parser.add_argument("--force", action="store_true", help="overwrite an existing llm-<quant>.gguf")
+    parser.add_argument("--force", action="store_true", help="replace the bundle's language model if it has one")
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log (default: silenced)")
     return parser
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ModelNotFoundError
-from runtime.registry import ModelSpec, PruningDefaults, is_local_path, known_aliases, load_spec
+from runtime.model_registry import ModelSpec, PruningDefaults, is_local_path, known_aliases, load_spec
 
 
 @dataclass(frozen=True)

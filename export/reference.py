@@ -51,7 +51,7 @@ from export.reference_vision import (
     visionzip_select,
 )
 from runtime.errors import InputError
-from runtime.registry import PruningDefaults
+from runtime.model_registry import PruningDefaults
 
 _DEFAULTS = PruningDefaults()
 MERGES = ("mean", "none")

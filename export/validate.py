@@ -121,10 +121,10 @@ def validation_inputs(image_size: int) -> dict[str, np.ndarray]:
 
 def onnx_session(path: Path):  # -> onnxruntime.InferenceSession
     """An onnxruntime CPU session at basic graph optimisation with the runtime's low-memory options
-    (:func:`runtime.session.low_memory_options`)."""
+    (:func:`runtime.ort_session.low_memory_options`)."""
     import onnxruntime as ort
 
-    from runtime.session import low_memory_options
+    from runtime.ort_session import low_memory_options
 
     options = low_memory_options()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InputError
+from runtime.errors import InputError, SettingError
 from runtime.llm import LlamaBackend
 from runtime.llm_bundle import open_language_model
 from runtime.pipeline import Pipeline, PrunedImage
@@ -59,7 +59,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
-            raise InputError(f"--max-tokens must be >= 1, got {self.max_tokens}")
+            raise SettingError("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0) or not 0 < self.top_p <= 1:
             raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:

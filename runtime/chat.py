@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from runtime.cli import OneLineParser, log, positive_int, run_cli
-from runtime.errors import UserError
+from runtime.cli import OneLineParser, cli_flag, log, positive_int, run_cli
+from runtime.errors import SettingError, UserError
 from runtime.llm import DEFAULT_N_CTX, KV_TYPES, set_llama_logging
+from runtime.model_registry import bundle_path
 from runtime.prune import add_pipeline_arguments, method_options
-from runtime.registry import bundle_path
+
+REPL_SETTINGS = ("tokens", "strategy")  # settings the REPL changes with /tokens, /strategy
 
 HELP = """commands:
   /image PATH      chat about another image (starts a new conversation)
@@ -149,6 +151,9 @@ def repl(backend: ChatBackend, stdin: TextIO, stdout: TextIO, stderr: TextIO, ti
                 _notice(backend, stderr)
                 if answered and timings:
                     stderr.write("\n".join(backend.stats_lines()) + "\n")
+        except SettingError as err:  # a setting the REPL changes with /FIELD, else a flag of the command
+            name = "/" + err.field if err.field in REPL_SETTINGS else cli_flag(err.field)
+            stderr.write(f"error: {err.named(name)}\n")
         except UserError as err:
             stderr.write(f"error: {err}\n")
 
@@ -188,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--prompt is not valid UTF-8 text")
         image = load_image(args.image) if args.image else None  # bad image: fail before loading models
         options = {k: v for k, v in method_options(args).items() if v is not None}
-        settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature, args.top_p,
-                            args.seed)
+        settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature,
+                            args.top_p, args.seed)
         set_llama_logging(args.verbose)
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)

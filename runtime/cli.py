@@ -8,10 +8,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn, TextIO
 
-from runtime.errors import UserError
+from runtime.errors import SettingError, UserError
 
 # OSErrors that say something about the machine (full disk, read-only or forbidden place), shown as one line
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
@@ -26,6 +26,11 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signal.Signals(signum).name)
 
 
+def cli_flag(field: str) -> str:
+    """The flag that sets keyword argument ``field`` (flags map one to one): ``max_tokens`` -> ``--max-tokens``."""
+    return "--" + field.replace("_", "-")
+
+
 def run_cli(body: Callable[[], int], prog: str) -> int:
     """Run a CLI body; a :class:`UserError` becomes ``prog: error: MESSAGE`` and exit code 2.
 
@@ -34,6 +39,9 @@ def run_cli(body: Callable[[], int], prog: str) -> int:
     handlers = _install_termination_handlers()
     try:
         return body()
+    except SettingError as err:  # the library names the keyword argument; the user typed its flag
+        print(f"{prog}: error: {err.named(cli_flag(err.field))}", file=sys.stderr)
+        return err.exit_code
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
@@ -69,10 +77,31 @@ def log(message: str, stream: TextIO | None = None) -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line (``prog: error: ...``) and exit code 2."""
+    """argparse whose usage errors are one line (``prog: error: ...``) and exit code 2.
+
+    A word that argparse took for an option but that names an existing file (``-photo.jpg``) gets
+    the usual remedy appended: write it ``./-photo.jpg`` (or, for a positional, after ``--``).
+    """
+
+    _words: Sequence[str] = ()  # the command line being parsed (set by parse_known_args)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._path_hint()} (see --help)\n")
+
+    def _path_hint(self) -> str:
+        """``; -x.jpg is a file, not an option: ...`` for the first such word before ``--``, else ""."""
+        words = self._words[: self._words.index("--")] if "--" in self._words else self._words
+        for word in words:
+            if word.startswith("-") and word != "-" and word not in self._option_string_actions \
+                    and os.path.isfile(word):
+                after = " or put it after --" if self._get_positional_actions() else ""
+                return f"; {word} is a file, not an option: write ./{word}{after}"
+        return ""
 
 
 def layer_range(text: str) -> tuple[int, int]:

@@ -17,6 +17,20 @@ class InputError(UserError):
     """An argument, image or prompt that cannot be used."""
 
 
+class SettingError(InputError):
+    """A bad value of one named setting, worded with its keyword-argument name ``field``
+    (``max_tokens must be >= 1, got 0``); a front end renames it with :meth:`named`
+    (a CLI to its flag: ``--max-tokens must be >= 1, got 0``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+    def named(self, name: str) -> InputError:
+        """The same error with the setting called ``name``."""
+        return InputError(f"{name} {self.problem}")
+
+
 class BundleError(UserError):
     """An exported bundle (manifest, ONNX or GGUF files) that is missing or not understood."""
 

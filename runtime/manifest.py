@@ -1,20 +1,30 @@
 """The bundle manifest (``manifest.json``): what ``export.clip``/``export.llm`` wrote.
 
 The runtime reads only manifests of :data:`SCHEMA`; anything else is refused with one line.
+
+Layout (schema 2): each export writes its files into a folder of its own named after its
+export id — ``vision.<id>/`` (export.clip: vision.onnx, projector.onnx, vision.int8.onnx) and
+``llm.<id>/`` (export.llm: the GGUF, probe.gguf, probe_weights.npz) — and then replaces
+``manifest.json``, which names them. The manifest is the bundle's only commit point, so a
+reader sees the old bundle or the new one, never a mix (see :mod:`export.bundle_writer`). Every
+file carries its export id in its own metadata (ONNX ``metadata_props``, a GGUF key, an npz
+array under :data:`EXPORT_ID_KEY`); the runtime compares it and the size with the manifest.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import BundleError
-from runtime.registry import PruningDefaults
+from runtime.model_registry import PruningDefaults
 
-SCHEMA = "entroprune.bundle/1"
+SCHEMA = "entroprune.bundle/2"
 MANIFEST = "manifest.json"
+EXPORT_ID_KEY = "entroprune.export_id"  # in every bundle file's own metadata
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,77 @@ class VisionInfo:
                              f"{self.heads} heads x {self.head_dim} != hidden {self.hidden_size}")
 
 
+def _typed(cls: type, data: object, where: str, **nested: Callable[[object], Any]) -> Any:
+    """``cls(**data)`` after checking that ``data`` has exactly ``cls``'s fields, each of its declared
+    type (``int``: an integer >= 0, never a boolean; ``str``: non-empty). Fields in ``nested`` are
+    parsed by their function instead. Raises TypeError naming the field."""
+    if not isinstance(data, dict):
+        raise TypeError(f"{where} must be an object, got {type(data).__name__}")
+    kinds = {f.name: f.type for f in fields(cls)}
+    unknown, missing = sorted(set(data) - set(kinds)), sorted(set(kinds) - set(data))
+    if unknown or missing:
+        raise TypeError(f"{where}: unknown fields {unknown}" if unknown else f"{where}: missing fields {missing}")
+    values = {}
+    for name, kind in kinds.items():
+        value = data[name]
+        if name in nested:
+            values[name] = nested[name](value)
+            continue
+        if not _CHECKS[kind](value):
+            raise TypeError(f"{where}.{name} must be {_WANTED[kind]}, got {value!r}")
+        values[name] = value
+    return cls(**values)
+
+
+_CHECKS: dict[str, Callable[[object], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "str": lambda v: isinstance(v, str) and bool(v),
+    "bool": lambda v: isinstance(v, bool),
+}
+_WANTED = {"int": "an integer >= 0", "str": "a non-empty string", "bool": "true or false"}
+
+
+@dataclass(frozen=True)
+class ProbeInfo:
+    """``manifest["llm"]["probe"]``: the EntropyPrune/FastV probe export.llm cut from the GGUF."""
+
+    gguf: str  # probe.gguf: blocks 0..P-2 (bundle-relative path)
+    weights: str  # probe_weights.npz: W_q/W_k of block P-1
+    entropyprune_layer: int  # P
+    layer: int  # P - 1
+    dtype: str
+    size: int  # bytes of gguf
+    weights_size: int  # bytes of weights
+    sha256: str
+    weights_sha256: str
+
+    def __post_init__(self) -> None:
+        if self.layer != self.entropyprune_layer - 1 or self.layer < 1:
+            raise ValueError(f"llm.probe.layer {self.layer} must be entropyprune_layer - 1 "
+                             f"({self.entropyprune_layer} - 1) and >= 1")
+
+
+@dataclass(frozen=True)
+class LlmInfo:
+    """``manifest["llm"]``: the language model export.llm wrote (or registered)."""
+
+    gguf: str  # bundle-relative path of the GGUF
+    quant: str
+    size: int  # bytes
+    sha256: str
+    n_embd: int
+    n_vocab: int
+    source: str  # the --model it was converted from, or the registered file's path
+    export_id: str  # carried by probe.gguf, probe_weights.npz and (unless registered) the GGUF
+    registered: bool  # True: --gguf linked a user's file, which carries no export id
+    probe: ProbeInfo
+
+    @classmethod
+    def from_json(cls, data: object) -> LlmInfo:
+        """The typed entry; TypeError/ValueError name the first bad field."""
+        return _typed(cls, data, "llm", probe=lambda probe: _typed(ProbeInfo, probe, "llm.probe"))
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A parsed, checked manifest; ``root`` is the bundle directory."""
@@ -54,8 +135,9 @@ class Manifest:
     pruning: PruningDefaults
     entropyprune_layer: int  # P (method.md §2)
     chat_template: str
-    files: dict[str, str]  # role -> file name in the bundle
-    llm: dict[str, Any] | None  # written by export.llm; None before it ran
+    files: dict[str, str]  # role -> bundle-relative path (inside vision.<export_id>/)
+    export_id: str  # export.clip's id, carried by every vision file's metadata
+    llm: LlmInfo | None  # written by export.llm; None before it ran
     data: dict[str, Any]  # the whole JSON, for reporting
 
     def path(self, role: str) -> Path:
@@ -89,16 +171,32 @@ def load_manifest(bundle: str | Path) -> Manifest:
             pruning=PruningDefaults.from_json(data["pruning"]),
             entropyprune_layer=int(data["entropyprune_layer"]), chat_template=data["chat_template"],
             files={k: v for k, v in data["files"].items() if isinstance(v, str)},
-            llm=data.get("llm"), data=data,
+            export_id=_export_id(data.get("export_id")),
+            llm=None if data.get("llm") is None else LlmInfo.from_json(data["llm"]), data=data,
         )
-        if manifest.llm is not None and not isinstance(manifest.llm, dict):
-            raise TypeError(f"llm must be an object, got {type(manifest.llm).__name__}")
+        sizes = data["sizes"]
+        for role, name in manifest.files.items():
+            bundle_file(root, name, role, sizes.get(name), repair_command(data, root, "export.clip"))
+            if not _CHECKS["int"](sizes.get(name)):
+                raise TypeError(f"sizes[{name!r}] must be an integer >= 0, got {sizes.get(name)!r}")
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BundleError(f"{path} is incomplete or malformed ({type(err).__name__}: {err})") from None
-    sizes = data.get("sizes") if isinstance(data.get("sizes"), dict) else {}
-    for role, name in manifest.files.items():
-        bundle_file(root, name, role, sizes.get(name), repair_command(data, root, "export.clip"))
     return manifest
+
+
+def _export_id(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"export_id must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_export_id(path: Path, found: object, expected: str, repair: str) -> None:
+    """Refuse (one line) a bundle file whose own export id (``found``, read from its metadata)
+    is not the manifest's ``expected``: a file another export left or put there."""
+    if found != expected:
+        what = "carries no export id" if found is None else f"is from export {found}"
+        raise BundleError(f"{path} {what} but the manifest records export {expected} "
+                          f"(a file of another export); {repair}")
 
 
 def source_model(data: dict[str, Any]) -> str:

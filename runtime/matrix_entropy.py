@@ -1,4 +1,4 @@
-"""Matrix entropy (method.md §2), the per-token head entropy of EntropyPrune, RoPE and FastV scores.
+"""Matrix entropy (method.md §2) and the per-token head entropy of EntropyPrune.
 
 Pure NumPy, float64 throughout; the probe's arrays come in as float32 and scores go out float64.
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-
-from runtime.types import ProbeOutput
 
 EIG_FLOOR = 1e-10  # per-token head Gram eigenvalues are clipped below here (as released)
 Side = Literal["auto", "gram", "covariance"]
@@ -77,6 +75,12 @@ def head_entropy_scores(queries: np.ndarray) -> np.ndarray:
     score = −Σ λ ln λ / ln h. No trace normalisation (as released), so a score is not confined
     to [0, 1]: each term −λ ln λ is at most 1/e, hence score <= h / (e ln h), and it goes
     negative when an eigenvalue exceeds 1. Example: q = [[[1.0], [0.0]]] -> [0.5] (λ = 0.25, 0).
+    The rows of Z are the model's own attention heads (d_h = its head size, method.md's
+    Z_t ∈ R^{h×d_h}). The released code instead groups the query's dimensions in 128s: the same
+    for LLaVA-1.5 (7B and 13B have d_h = 128), different elsewhere. We keep the head because the
+    method defines Z_t per head (h rows, normalised by ln h), and a fixed 128 would be a magic
+    width: it cannot split SmolLM2-135M's 576-wide query (9 heads of 64) or the tiny test LLaMA's
+    64-wide one (4 heads of 16) at all.
     """
     q = np.asarray(queries)
     if q.ndim != 3 or q.shape[1] < 2 or q.shape[2] < 1:
@@ -87,71 +91,3 @@ def head_entropy_scores(queries: np.ndarray) -> np.ndarray:
     gram = z @ z.transpose(0, 2, 1) / h
     eig = np.maximum(np.linalg.eigvalsh(gram), EIG_FLOOR)
     return -(eig * np.log(eig)).sum(axis=1) / np.log(h)
-
-
-def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """Hugging Face LLaMA rotate-half RoPE of ``x [T, h, d_h]`` at ``positions [T]``; same shape.
-
-    Angles use float64 (HF uses float32: differences ~1e-6 relative at positions in the
-    thousands). The result has ``x``'s dtype. Example: d_h = 2, position 1, theta any:
-    [a, b] -> [a cos 1 − b sin 1, b cos 1 + a sin 1].
-    """
-    x = np.asarray(x)
-    pos = np.asarray(positions)
-    if x.ndim != 3 or x.shape[2] % 2:
-        raise ValueError(f"x must be [T, h, d_h] with even d_h, got shape {x.shape}")
-    if pos.shape != (x.shape[0],):
-        raise ValueError(f"positions must be [{x.shape[0]}], got shape {pos.shape}")
-    d_h = x.shape[2]
-    inv_freq = 1.0 / (float(theta) ** (np.arange(0, d_h, 2, dtype=np.float64) / d_h))
-    angles = pos.astype(np.float64)[:, None] * inv_freq[None, :]  # [T, d_h/2]
-    angles = np.concatenate([angles, angles], axis=1)[:, None, :]  # [T, 1, d_h]
-    xf = x.astype(np.float64)
-    half = d_h // 2
-    rotated = np.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    out = xf * np.cos(angles) + rotated * np.sin(angles)
-    return out.astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else out
-
-
-def _heads(probe: ProbeOutput, rows: np.ndarray, weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """``rows [M, d_model] @ weightᵀ`` split head-major into ``[M, n_heads, d_h]`` float64."""
-    if weight.ndim != 2 or weight.shape[1] != probe.hidden.shape[1] or weight.shape[0] % n_heads:
-        raise ValueError(
-            f"weight must be [{n_heads}*d_head, {probe.hidden.shape[1]}], got {weight.shape}"
-        )
-    out = rows.astype(np.float64) @ weight.astype(np.float64).T
-    return out.reshape(rows.shape[0], n_heads, weight.shape[0] // n_heads)
-
-
-def probe_queries(probe: ProbeOutput) -> np.ndarray:
-    """Pre-RoPE queries of the image rows at layer P−1: ``[N, n_head, d_head]`` float64."""
-    rows = probe.hidden[probe.image_start : probe.image_start + probe.num_image]
-    return _heads(probe, rows, probe.q_weight, probe.n_head)
-
-
-def fastv_scores(probe: ProbeOutput) -> np.ndarray:
-    """FastV scores ``[N]`` float64: head-mean attention of the last position to each image row.
-
-    Layer P−1's q (last position) and k (all T positions), RoPE at positions 0..T−1, logits
-    scaled by 1/sqrt(d_head), GQA by HF ``repeat_kv`` (query head i reads kv head
-    i // (n_head / n_head_kv)), softmax over all T positions (the last one sees them all),
-    mean over heads, then the image columns. Example: identical keys -> every score 1/T.
-    """
-    if probe.n_head_kv < 1 or probe.n_head % probe.n_head_kv:
-        raise ValueError(
-            f"n_head ({probe.n_head}) must be a multiple of n_head_kv ({probe.n_head_kv})"
-        )
-    t = probe.hidden.shape[0]
-    positions = np.arange(t)
-    q = rope(_heads(probe, probe.hidden[-1:], probe.q_weight, probe.n_head), positions[-1:],
-             probe.rope_theta)[0]  # [n_head, d_h]
-    k = rope(_heads(probe, probe.hidden, probe.k_weight, probe.n_head_kv), positions,
-             probe.rope_theta)  # [T, n_kv, d_h]
-    if k.shape[2] != q.shape[1]:
-        raise ValueError(f"q and k head sizes differ: {q.shape[1]} vs {k.shape[2]}")
-    k = np.repeat(k, probe.n_head // probe.n_head_kv, axis=1)  # [T, n_head, d_h], HF order
-    logits = np.einsum("hd,thd->ht", q, k) / np.sqrt(q.shape[1])  # [n_head, T]
-    logits -= logits.max(axis=1, keepdims=True)
-    attn = np.exp(logits)
-    attn /= attn.sum(axis=1, keepdims=True)
-    return attn.mean(axis=0)[probe.image_start : probe.image_start + probe.num_image]

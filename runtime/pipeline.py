@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from runtime.encoder import Encoder
-from runtime.errors import InputError
-from runtime.manifest import Manifest, load_manifest
+from runtime.errors import InputError, SettingError
+from runtime.manifest import Manifest, load_manifest, repair_command
 from runtime.preprocess import PreprocessConfig, load_image, preprocess
 from runtime.projector import Projector
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
@@ -75,9 +75,11 @@ class Pipeline:
                  threads: int | None = None, int8: bool = False) -> None:
         self.manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
         self.preprocess_config = PreprocessConfig(**self.manifest.preprocess)
+        geometry, repair = self.manifest.vision, repair_command(self.manifest.data, self.manifest.root, "export.clip")
         vision = self.manifest.path("vision_int8" if int8 else "vision")
-        self.encoder = Encoder(vision, provider, threads)
-        self.projector = Projector(self.manifest.path("projector"), provider, threads)
+        checks = {"vision": geometry, "repair": repair, "export_id": self.manifest.export_id}
+        self.encoder = Encoder(vision, provider, threads, **checks)
+        self.projector = Projector(self.manifest.path("projector"), provider, threads, **checks)
 
     @property
     def num_patches(self) -> int:
@@ -131,8 +133,8 @@ class Pipeline:
     def check_budget(self, tokens: int) -> int:
         """``1 <= K <= N`` or a one-line InputError."""
         if not 1 <= tokens <= self.num_patches:
-            raise InputError(f"--tokens must be in 1..{self.num_patches} (the image has {self.num_patches} patches), "
-                             f"got {tokens}")
+            raise SettingError("tokens", f"must be in 1..{self.num_patches} (the image has {self.num_patches} "
+                                         f"patches), got {tokens}")
         return tokens
 
 

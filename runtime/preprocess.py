@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from runtime.errors import InputError
-from runtime.registry import IMAGE_MODES
+from runtime.model_registry import IMAGE_MODES
 
 # Refuse shortest-edge resizes larger than this (about 400 MB as RGB): only "crop" mode on an
 # extreme aspect ratio gets there (beyond about 1:1189 at image_size 336).

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +18,22 @@ import numpy as np
 
 from runtime.errors import BundleError
 from runtime.llm import LlamaBackend
-from runtime.llm_bundle import checked_width, llm_entry
-from runtime.manifest import Manifest, bundle_file, repair_command
+from runtime.llm_bundle import checked_gguf, checked_npz, checked_width, llm_info
+from runtime.manifest import Manifest, repair_command
 from runtime.prompt_cache import ImageRows
 from runtime.template import Conversation, conversation_segments, encode_prompt, get_template
 from runtime.types import ProbeOutput
 
 DEFAULT_QUESTION = "Describe the image in detail."  # probe prompt when the caller has none (benchmarks)
 WEIGHT_KEYS = ("q_weight", "k_weight", "n_head", "n_head_kv", "rope_theta", "layer")
+PROBE_REPAIR = "re-run export.llm"  # when the caller knows no better (open_probe knows the model)
+# what np.load raises for a file that is not a readable .npz (pickled data: ValueError, never unpickled)
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 @dataclass(frozen=True)
 class ProbeWeights:
-    """Contents of ``probe_weights.npz``."""
+    """Contents of ``probe_weights.npz``; checked on construction (ValueError naming the member)."""
 
     q_weight: np.ndarray  # [n_head * d_head, n_embd] float32, Hugging Face row layout (pre-RoPE)
     k_weight: np.ndarray  # [n_head_kv * d_head, n_embd] float32, Hugging Face row layout
@@ -39,12 +43,14 @@ class ProbeWeights:
     layer: int  # P-1: the 0-based decoder layer the weights belong to
 
     def __post_init__(self) -> None:
-        d = self.q_weight.shape[1]
-        if self.q_weight.shape[0] % self.n_head or self.k_weight.shape[1] != d:
-            raise ValueError(
-                f"q_weight {self.q_weight.shape} / k_weight {self.k_weight.shape} do not fit "
-                f"n_head={self.n_head}, n_head_kv={self.n_head_kv}"
-            )
+        for name, low in (("n_head", 1), ("n_head_kv", 1), ("layer", 0)):
+            _check_integer(name, getattr(self, name), low)
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float, np.number)) or not 0 < theta < np.inf:
+            raise ValueError(f"rope_theta must be a positive finite number, got {theta!r}")
+        for name in ("q_weight", "k_weight"):
+            _check_matrix(name, getattr(self, name))
+        _check_heads(self.q_weight.shape, self.k_weight.shape, self.n_head, self.n_head_kv)
 
     def arrays(self) -> dict[str, Any]:
         """The npz members (scalars as 0-d arrays)."""
@@ -58,24 +64,98 @@ class ProbeWeights:
         }
 
 
-def load_probe_weights(path: str | Path) -> ProbeWeights:
-    """Read ``probe_weights.npz``; a missing or incomplete file is a one-line BundleError."""
+def _check_integer(name: str, value: object, low: int) -> None:
+    """ValueError unless ``value`` is an integer (not a bool) >= ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def _check_matrix(name: str, weight: object) -> None:
+    """ValueError unless ``weight`` is a non-empty 2-D floating-point array of finite values."""
+    if not isinstance(weight, np.ndarray) or not np.issubdtype(weight.dtype, np.floating):
+        raise ValueError(f"{name} must be a floating-point array, got {getattr(weight, 'dtype', type(weight))}")
+    if weight.ndim != 2 or weight.size == 0:
+        raise ValueError(f"{name} must be 2-D [heads * d_head, n_embd] and not empty, got shape {weight.shape}")
+    finite = np.isfinite(weight)
+    if not finite.all():
+        bad = weight[~finite]
+        kinds = " and ".join(k for k, hit in (("NaN", np.isnan(bad).any()), ("inf", np.isinf(bad).any())) if hit)
+        raise ValueError(f"{name} holds {kinds} ({bad.size} of {weight.size} values)")
+
+
+def _check_heads(q_shape: tuple[int, ...], k_shape: tuple[int, ...], n_head: int, n_head_kv: int) -> None:
+    """ValueError unless ``q [n_head*d_head, E]`` and ``k [n_head_kv*d_head, E]`` fit the head counts.
+
+    Example: q (8, 16), k (4, 16), n_head 2, n_head_kv 1 -> d_head 4, fine.
+    """
+    rows, n_embd = q_shape
+    if rows % n_head:
+        raise ValueError(f"q_weight has {rows} rows, not a multiple of n_head={n_head}")
+    d_head = rows // n_head
+    if d_head % 2:
+        raise ValueError(f"d_head={d_head} (q_weight rows / n_head) must be even for RoPE")
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head={n_head} is not a multiple of n_head_kv={n_head_kv}")
+    expected = (n_head_kv * d_head, n_embd)
+    if tuple(k_shape) != expected:
+        raise ValueError(f"k_weight has shape {tuple(k_shape)}, expected {expected} "
+                         f"(n_head_kv={n_head_kv} x d_head={d_head}, n_embd={n_embd} of q_weight)")
+
+
+def load_probe_weights(path: str | Path, repair: str = PROBE_REPAIR) -> ProbeWeights:
+    """Read ``probe_weights.npz`` without unpickling anything and check it; a file that is not such
+    an archive, lacks a member or holds unusable values is a one-line BundleError naming the file."""
     path = Path(path)
     try:
-        with np.load(path) as data:
-            missing = [k for k in WEIGHT_KEYS if k not in data.files]
-            if missing:
-                raise BundleError(f"{path} lacks {', '.join(missing)}; re-run export.llm")
-            return ProbeWeights(
-                q_weight=data["q_weight"].astype(np.float32),
-                k_weight=data["k_weight"].astype(np.float32),
-                n_head=int(data["n_head"]),
-                n_head_kv=int(data["n_head_kv"]),
-                rope_theta=float(data["rope_theta"]),
-                layer=int(data["layer"]),
-            )
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise BundleError(f"cannot read probe weights {path}: {err}") from None
+        loaded = np.load(path, allow_pickle=False)
+    except _NPZ_ERRORS as err:
+        pickled = "not an .npz archive (numpy would have to unpickle it, which is never done)"
+        raise BundleError(f"cannot read probe weights {path}: {_npz_reason(err, pickled)}; {repair}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise BundleError(f"{path} holds a single array, not the .npz archive of probe weights; {repair}")
+    with loaded as data:
+        missing = [k for k in WEIGHT_KEYS if k not in data.files]
+        if missing:
+            raise BundleError(f"{path} lacks {', '.join(missing)}; {repair}")
+        try:
+            return ProbeWeights(**_members(data))
+        except _NPZ_ERRORS as err:
+            pickled = "a member holds pickled Python objects, which are never loaded"
+            raise BundleError(f"bad probe weights {path}: {_npz_reason(err, pickled)}; {repair}") from None
+
+
+def _members(data: np.lib.npyio.NpzFile) -> dict[str, Any]:
+    """The archive's members as ProbeWeights keyword arguments (ValueError for a wrong kind)."""
+    return {"q_weight": _float_matrix(data, "q_weight"), "k_weight": _float_matrix(data, "k_weight"),
+            "n_head": _scalar(data, "n_head", np.integer), "n_head_kv": _scalar(data, "n_head_kv", np.integer),
+            "rope_theta": _scalar(data, "rope_theta", np.number), "layer": _scalar(data, "layer", np.integer)}
+
+
+def _float_matrix(data: np.lib.npyio.NpzFile, key: str) -> np.ndarray:
+    """Member ``key`` as float32 (ValueError unless it is floating point)."""
+    value = data[key]
+    if not np.issubdtype(value.dtype, np.floating):
+        raise ValueError(f"{key} must be floating point, got {value.dtype}")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused as such
+        return value.astype(np.float32)
+
+
+def _scalar(data: np.lib.npyio.NpzFile, key: str, kind: type[np.generic]) -> int | float:
+    """Member ``key``: a 0-d array of ``kind`` (np.integer or np.number) as a Python number."""
+    value = data[key]
+    if value.shape != ():
+        raise ValueError(f"{key} must be a single number, got shape {value.shape}")
+    if value.dtype == np.bool_ or not np.issubdtype(value.dtype, kind):
+        wanted = "an integer" if kind is np.integer else "a number"
+        raise ValueError(f"{key} must be {wanted}, got {value.dtype} {value.item()!r}")
+    return value.item()
+
+
+def _npz_reason(err: BaseException, pickled: str) -> str:
+    """One line for what numpy said, or ``pickled`` when it refused to unpickle (allow_pickle=False)."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return pickled if "pickle" in text.lower() else text[:200]
 
 
 def run_probe(
@@ -108,8 +188,9 @@ def run_probe(
 class LlamaProbe:
     """The probe GGUF in an embeddings-mode backend plus its weights; ``run`` -> ProbeOutput."""
 
-    def __init__(self, gguf_path: str | Path, weights_path: str | Path, **backend_options: Any) -> None:
-        self.weights = load_probe_weights(weights_path)
+    def __init__(self, gguf_path: str | Path, weights_path: str | Path, *, repair: str = PROBE_REPAIR,
+                 **backend_options: Any) -> None:
+        self.weights = load_probe_weights(weights_path, repair)
         self.backend = LlamaBackend(gguf_path, embeddings=True, **backend_options)
 
     def run(self, prefix_ids: Sequence[int], image_rows: np.ndarray, suffix_ids: Sequence[int]) -> ProbeOutput:
@@ -132,20 +213,19 @@ class LlamaProbe:
 
 
 def open_probe(root: str | Path, manifest: dict[str, Any], **options: Any) -> LlamaProbe:
-    """The bundle's probe (``manifest["llm"]["probe"]``), checked against the projector width."""
+    """The bundle's probe (``manifest["llm"]["probe"]``): both files of the language model's
+    export (size and export id), checked against the projector width."""
     root = Path(root)
-    probe = llm_entry(root, manifest).get("probe")
-    if not isinstance(probe, dict):
-        raise BundleError(f"bundle {root} has no probe; re-run export.llm")
-    repair = repair_command(manifest, root, "export.llm")
-    opened = LlamaProbe(bundle_file(root, probe.get("gguf"), "probe", probe.get("size"), repair),
-                        bundle_file(root, probe.get("weights"), "probe weights", probe.get("weights_size"), repair),
-                        **options)
-    recorded = probe.get("layer")
-    if recorded is not None and int(recorded) != opened.weights.layer:
+    llm = llm_info(root, manifest)
+    probe = llm.probe
+    opened = LlamaProbe(checked_gguf(root, probe.gguf, "probe", probe.size, llm.export_id, manifest),
+                        checked_npz(root, probe.weights, "probe weights", probe.weights_size, llm.export_id,
+                                    manifest),
+                        repair=repair_command(manifest, root, "export.llm"), **options)
+    if probe.layer != opened.weights.layer:
         opened.close()
-        raise BundleError(f"{root / probe['weights']} holds layer {opened.weights.layer} but the manifest "
-                          f"records probe layer {recorded}; re-run export.llm")
+        raise BundleError(f"{root / probe.weights} holds layer {opened.weights.layer} but the manifest "
+                          f"records probe layer {probe.layer}; {repair_command(manifest, root, 'export.llm')}")
     checked_width(opened.backend, manifest)
     return opened
 
@@ -155,7 +235,7 @@ def probe_from_manifest(
 ) -> Callable[[np.ndarray], ProbeOutput] | None:
     """A ``PruneInputs.probe`` callable for a one-question LLaVA prompt, or None when the bundle
     has no language model yet. The probe stays open as long as the callable lives."""
-    if not isinstance(manifest.llm, dict) or "probe" not in manifest.llm:
+    if manifest.llm is None:
         return None
     probe = open_probe(manifest.root, manifest.data, **options)
     segments = conversation_segments(Conversation().ask(question), get_template(manifest.chat_template))

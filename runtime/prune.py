@@ -16,11 +16,13 @@ import numpy as np
 
 from runtime.atomic import write_atomic
 from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
+from runtime.errors import InputError
+from runtime.manifest import load_manifest
+from runtime.model_registry import bundle_path
+from runtime.ort_session import available_providers
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
-from runtime.registry import bundle_path
-from runtime.session import available_providers
 from runtime.strategies.registry import available, get_strategy
 
 
@@ -92,17 +94,38 @@ def save_npz(path: Path, result: PrunedImage) -> None:
     write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
 
 
+def check(bundle: Path) -> int:
+    """``--check``: hash every file of ``bundle``; print the table; one line and exit 2 if any differs."""
+    from runtime.bundle_check import check_bundle, check_table, require_intact
+
+    manifest = load_manifest(bundle)
+    checks = check_bundle(manifest)
+    print(check_table(checks))
+    require_intact(manifest, checks)
+    print(f"bundle {bundle}: all {len(checks)} files are as exported")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m runtime.prune", description=__doc__.splitlines()[0])
-    parser.add_argument("image", type=Path, help="image file (any format Pillow reads)")
+    parser.add_argument("image", type=Path, nargs="?", default=None,
+                        help="image file (any format Pillow reads; a name that starts with - as ./-photo.jpg or "
+                             "after --); not needed with --check")
     add_pipeline_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--save", type=Path, default=None, help="write embeddings and indices to OUT.npz")
+    parser.add_argument("--check", action="store_true",
+                        help="check every bundle file against the sha256 its export recorded, then exit "
+                             "(reads every byte; default: off, loading checks sizes and export ids only)")
     parser.add_argument("--question", default=DEFAULT_QUESTION,
                         help=f"prompt the probe strategies (entropyprune, fastv) see (default: {DEFAULT_QUESTION!r})")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.check:
+            return check(bundle_path(args.model))
+        if args.image is None:
+            raise InputError("give an IMAGE to prune (or --check to check the bundle)")
         image = load_image(args.image)  # a bad image fails before the sessions load
         pipeline = Pipeline(bundle_path(args.model), args.provider, args.threads, args.int8)
         probe = None

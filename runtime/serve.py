@@ -17,8 +17,8 @@ from typing import Any
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import UserError
 from runtime.llm import DEFAULT_N_CTX
+from runtime.model_registry import bundle_path
 from runtime.prune import add_pipeline_arguments, method_options
-from runtime.registry import bundle_path
 
 PROG = "runtime.serve"
 API_KEY_ENV = "ENTROPRUNE_API_KEY"

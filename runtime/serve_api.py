@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from runtime.assistant import Settings
-from runtime.errors import ContextOverflowError, InputError, UserError
+from runtime.errors import ContextOverflowError, InputError, SettingError, UserError
 from runtime.preprocess import decode_image as decode_image_file
 
 # A phone photo is 12-50 megapixels; Pillow's own bomb limit is ~89 M (an error only at twice that).
@@ -44,10 +44,16 @@ class APIError(Exception):
     def from_user_error(cls, err: UserError) -> APIError:
         """An engine :class:`UserError` (bad settings, context overflow, undecodable image) as a 400."""
         code = "context_length_exceeded" if isinstance(err, ContextOverflowError) else "invalid_value"
+        if isinstance(err, SettingError):  # a keyword argument: name it as the request does
+            param = REQUEST_FIELDS.get(err.field, err.field)
+            return cls(400, " ".join(str(err.named(param)).split()), code, param)
         return cls(400, " ".join(str(err).split()), code)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.code, self.param)
+
+
+REQUEST_FIELDS = {"tokens": "visual_tokens"}  # Settings fields whose request field has another name
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -234,7 +240,8 @@ def settings_changes(request: ChatRequest, defaults: Settings) -> dict[str, Any]
     try:
         replace(defaults, **changes)  # Settings checks max_tokens, temperature, top_p and seed
     except InputError as err:
-        raise APIError(400, str(err).replace("--max-tokens", "max_tokens"), "invalid_value") from None
+        param = err.field if isinstance(err, SettingError) else None
+        raise APIError(400, str(err), "invalid_value", param) from None
     return changes
 
 

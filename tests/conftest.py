@@ -23,7 +23,7 @@ PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_dee
 @pytest.fixture(scope="session", autouse=True)
 def bundles_home(tmp_path_factory: pytest.TempPathFactory):
     """Bundles found by name live in a temporary folder during tests, never in ~/.cache."""
-    from runtime.registry import BUNDLES_ENV
+    from runtime.model_registry import BUNDLES_ENV
 
     home = tmp_path_factory.mktemp("bundles")
     previous = os.environ.get(BUNDLES_ENV)

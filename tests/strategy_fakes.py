@@ -1,5 +1,6 @@
 """Synthetic encoder outputs, a linear projector, a fake LLM probe for strategy tests, and
-:class:`NumpyWith` for injecting a plausible bug into a product module's numpy calls."""
+:class:`ModuleWith`/:class:`NumpyWith` for injecting a plausible bug into a product module's
+numpy or math calls."""
 
 from __future__ import annotations
 
@@ -68,7 +69,21 @@ def make_inputs(n: int = 36, d: int = 12, e: int = 16, probe: bool = True,
                        probe=make_probe(e) if probe else None)
 
 
-class NumpyWith:
+class ModuleWith:
+    """A module with some functions replaced, to monkeypatch over a product module's import of it.
+
+    Example: ``monkeypatch.setattr(selection, "math", ModuleWith(math, floor=...))`` changes
+    ``math.floor`` for ``runtime.selection`` only (a negative control run through its own code).
+    """
+
+    def __init__(self, module: Any, **replaced: Callable[..., Any]) -> None:
+        self._module, self._replaced = module, replaced
+
+    def __getattr__(self, name: str) -> Any:
+        return self._replaced[name] if name in self._replaced else getattr(self._module, name)
+
+
+class NumpyWith(ModuleWith):
     """numpy with some functions replaced, to monkeypatch over a product module's ``np``.
 
     Example: ``monkeypatch.setattr(baselines, "np", NumpyWith(sort=np.asarray))`` makes that
@@ -76,7 +91,4 @@ class NumpyWith:
     """
 
     def __init__(self, **replaced: Callable[..., Any]) -> None:
-        self._replaced = replaced
-
-    def __getattr__(self, name: str) -> Any:
-        return self._replaced[name] if name in self._replaced else getattr(np, name)
+        super().__init__(np, **replaced)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from export.mmproj import read_mmproj_keys, write_mmproj_gguf
+from tests.bundle_files import member
 from tools.bench_mtmd import alignments, row_agreement
 from tools.benchlib import markdown_table
 
@@ -155,7 +156,7 @@ def test_libmtmd_reads_our_mmproj(tiny_llm_bundle: Path, tiny_llava_dir: Path, t
     found, controls = {}, {}
     for order in ("hf", "cls-last"):
         info = write_mmproj_gguf(tiny_llava_dir, tmp_path / f"{order}.gguf", position_order=order)
-        with MtmdEncoder(info.path, tiny_llm_bundle / "llm-f32.gguf", info.projector_dim, threads=2) as encoder:
+        with MtmdEncoder(info.path, member(tiny_llm_bundle, "llm"), info.projector_dim, threads=2) as encoder:
             out = encoder.encode(image)
         assert out.embeddings.shape == (576, 64) and out.encode_ms > 0
         found[order] = alignments(out.embeddings, patches[0], cls[0])

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from runtime.errors import BundleError
-from runtime.registry import BUNDLES_ENV, bundle_path, bundles_home, default_bundle_dir
+from runtime.model_registry import BUNDLES_ENV, bundle_path, bundles_home, default_bundle_dir
+from tests.bundle_files import member
 
 
 def test_bundles_home_is_a_user_folder_never_the_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -60,7 +61,7 @@ def test_bundle_exported_from_a_path_is_found_by_its_name(named_bundle: Path, ti
     from runtime.prune import main as prune_main
 
     assert bundle_path("named-ckpt") == named_bundle
-    gguf = tiny_llm_bundle / "llm-f32.gguf"
+    gguf = member(tiny_llm_bundle, "llm")
     assert llm_main(["--model", "named-ckpt", "--gguf", str(gguf)]) == 0  # registered by name, no checkpoint
     image = Path(named_bundle.parent / "grey.png")
     _grey_image(image)
@@ -76,7 +77,7 @@ def test_gguf_without_model_then_moved_bundle_still_chats(tiny_bundle: Path, tin
     shutil.copytree(tiny_bundle, bundle)
     outside = tmp_path / "elsewhere" / "lm.gguf"
     outside.parent.mkdir()
-    shutil.copyfile(tiny_llm_bundle / "llm-f32.gguf", outside)
+    shutil.copyfile(member(tiny_llm_bundle, "llm"), outside)
     assert llm_main(["--gguf", str(outside), "--out", str(bundle)]) == 0
     moved = tmp_path / "moved" / "bundle"
     moved.parent.mkdir()
@@ -104,9 +105,9 @@ def test_gguf_is_copied_when_it_cannot_be_linked(tiny_bundle: Path, tiny_llm_bun
     monkeypatch.setattr(diskspace.os, "link", no_link)
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
-    export_llm(None, out=bundle, gguf_path=tiny_llm_bundle / "llm-f32.gguf")
-    assert not os.path.samefile(bundle / "llm-f32.gguf", tiny_llm_bundle / "llm-f32.gguf")
-    assert (bundle / "llm-f32.gguf").read_bytes() == (tiny_llm_bundle / "llm-f32.gguf").read_bytes()
+    export_llm(None, out=bundle, gguf_path=member(tiny_llm_bundle, "llm"))
+    assert not os.path.samefile(member(bundle, "llm"), member(tiny_llm_bundle, "llm"))
+    assert member(bundle, "llm").read_bytes() == member(tiny_llm_bundle, "llm").read_bytes()
 
 
 def test_gguf_without_model_or_out_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -187,13 +188,13 @@ def test_sigterm_during_export_llm_removes_the_intermediate(tiny_llava_dir: Path
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "quantising"
-    assert list(bundle.glob(".llm-f16-*.gguf"))  # the intermediate exists while quantising
+    assert list(bundle.glob("llm.*/.llm-f16-*.gguf"))  # the intermediate exists while quantising
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=60)
     time.sleep(0.1)
     assert child.returncode == 143, err
     assert "stopped by SIGTERM" in err
-    assert not list(bundle.glob(".llm-f16-*.gguf")) and not list(bundle.glob("llm-*.gguf"))
+    assert not list(bundle.glob("llm.*")) and not list(bundle.glob("**/*.gguf"))  # its staging folder went
 
 
 def test_hub_error_keeps_the_whole_reason(monkeypatch: pytest.MonkeyPatch) -> None:

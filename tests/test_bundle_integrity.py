@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import BundleError
+from tests.bundle_files import member
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -31,7 +32,7 @@ def test_manifest_paths_outside_the_bundle_are_refused(tiny_bundle: Path, tmp_pa
     from runtime.manifest import load_manifest
 
     bundle = _copy(tiny_bundle, tmp_path)
-    (tmp_path / "x.onnx").write_bytes((bundle / "vision.onnx").read_bytes())  # exists: must not matter
+    (tmp_path / "x.onnx").write_bytes(member(bundle, "vision").read_bytes())  # exists: must not matter
     _edit(bundle, lambda m: m["files"].update(vision=name))
     with pytest.raises(BundleError, match=words):
         load_manifest(bundle)
@@ -42,7 +43,7 @@ def test_a_file_of_another_export_is_refused_with_the_repair_command(tiny_bundle
 
     bundle = _copy(tiny_bundle, tmp_path)
     load_manifest(bundle)  # as exported: fine
-    with (bundle / "projector.onnx").open("ab") as handle:
+    with member(bundle, "projector").open("ab") as handle:
         handle.write(b"\0" * 16)  # another export's graph: another size
     with pytest.raises(BundleError) as err:
         load_manifest(bundle)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime.chat import main, repl
-from runtime.errors import InputError
+from runtime.errors import InputError, SettingError
 
 
 class FakeBackend:
@@ -34,7 +34,7 @@ class FakeBackend:
 
     def update(self, **changes) -> None:
         if changes.get("tokens", 1) > 576:
-            raise InputError("--tokens must be in 1..576 (the image has 576 patches), got 999")
+            raise SettingError("tokens", "must be in 1..576 (the image has 576 patches), got 999")  # as Pipeline
         if changes.get("strategy", "entropy") not in ("entropy", "fastervlm"):
             raise InputError(f"unknown strategy {changes['strategy']!r}; choose one of: entropy, fastervlm")
         self.__dict__.update(changes)
@@ -81,11 +81,28 @@ def test_errors_are_one_line_and_the_loop_goes_on() -> None:
         "error: unknown command /frobnicate; /help lists the commands",
         "error: /tokens needs an argument (see /help)",
         "error: /tokens needs a positive integer, got 'abc'",
-        "error: --tokens must be in 1..576 (the image has 576 patches), got 999",
+        "error: /tokens must be in 1..576 (the image has 576 patches), got 999",
         "error: unknown strategy 'magic'; choose one of: entropy, fastervlm",
         "error: not an image: notes.txt",
     ]
     assert stdout == "[entropy/64/turn 1] ?ereh llits\n"
+
+
+def test_settings_name_the_field_not_a_flag() -> None:
+    """The library speaks keyword arguments; only the CLI layer knows flags."""
+    from runtime.assistant import Settings
+    from runtime.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"^max_tokens must be >= 1, got 0$") as info:
+        Settings(max_tokens=0)
+    assert info.value.field == "max_tokens"
+    assert str(info.value.named("--max-tokens")) == "--max-tokens must be >= 1, got 0"
+
+
+def test_cli_names_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """runtime.chat reports the bad setting by the flag the user typed (before any bundle is opened)."""
+    assert main(["--model", str(tmp_path / "no-bundle"), "--prompt", "hi", "--max-tokens", "0"]) == 2
+    assert capsys.readouterr().err == "runtime.chat: error: --max-tokens must be >= 1, got 0\n"
 
 
 def test_help_and_end_of_input() -> None:

@@ -20,6 +20,7 @@ from export.validate import run_onnx, validation_inputs
 from runtime.errors import ModelNotFoundError
 from runtime.pipeline import Pipeline
 from runtime.preprocess import PreprocessConfig, preprocess
+from tests.bundle_files import member
 
 # acceptance bound of the brief: float32 ORT (or the original graph) vs PyTorch on identical inputs
 MAX_ABS = 1e-4
@@ -113,7 +114,7 @@ def test_vision_onnx_equals_hf_on_a_photo(bundle: Path, rebuilt, photos) -> None
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     pixels = preprocess(photos["chelsea"], PreprocessConfig(**manifest["preprocess"]))[None]
     expected = hf_dinov2_reference(rebuilt, torch.from_numpy(pixels), F)
-    actual = run_onnx(bundle / "vision.onnx", {"pixel_values": pixels})
+    actual = run_onnx(member(bundle, "vision"), {"pixel_values": pixels})
     assert sorted(actual) == sorted(expected)
     for name, ref in expected.items():
         assert actual[name].shape == ref.shape, name

@@ -11,10 +11,11 @@ import torch
 
 from export.reference import entropyprune_scores, fastv_scores
 from runtime.llm import LlamaBackend
-from runtime.matrix_entropy import fastv_scores as device_fastv_scores
-from runtime.matrix_entropy import head_entropy_scores, probe_queries
+from runtime.matrix_entropy import head_entropy_scores
 from runtime.pipeline import Pipeline
 from runtime.probe import open_probe
+from runtime.probe_scores import fastv_scores as device_fastv_scores
+from runtime.probe_scores import probe_queries
 from runtime.selection import top_k
 from runtime.template import Conversation, conversation_segments, encode_prompt
 
@@ -28,7 +29,7 @@ P = 2
 @pytest.fixture(scope="module")
 def setup(tiny_llm_bundle: Path, photos) -> dict:
     pipeline = Pipeline(tiny_llm_bundle)
-    llm = LlamaBackend(tiny_llm_bundle / pipeline.manifest.llm["gguf"], kv_type="f32", flash_attn="off")
+    llm = LlamaBackend(tiny_llm_bundle / pipeline.manifest.llm.gguf, kv_type="f32", flash_attn="off")
     segments = conversation_segments(Conversation().ask("What is in the image?"))
     prompt = encode_prompt(segments, llm)
     yield {"pipeline": pipeline, "llm": llm, "prompt": prompt, "photos": photos}

@@ -13,7 +13,8 @@ import torch
 from export.clip import main
 from export.load import VisionHalf
 from export.validate import check_outputs, hf_vision_reference, run_onnx, validation_inputs
-from runtime.manifest import SCHEMA, load_manifest
+from runtime.manifest import EXPORT_ID_KEY, SCHEMA, load_manifest
+from tests.bundle_files import member
 
 # acceptance bound of the export issue: float32 ORT vs PyTorch on identical inputs
 MAX_ABS = 1e-4
@@ -29,7 +30,7 @@ def pixels() -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("case", ["b1", "b3"])
 def test_vision_onnx_equals_hf(tiny_bundle: Path, tiny_llava_model, pixels, case: str) -> None:
     expected = hf_vision_reference(VisionHalf.of(tiny_llava_model), torch.from_numpy(pixels[case]), F)
-    actual = run_onnx(tiny_bundle / "vision.onnx", {"pixel_values": pixels[case]})
+    actual = run_onnx(member(tiny_bundle, "vision"), {"pixel_values": pixels[case]})
     assert sorted(actual) == sorted(expected)  # names first
     for name, ref in expected.items():
         assert actual[name].shape == ref.shape, name  # then shapes
@@ -44,7 +45,7 @@ def test_negative_control_neighbouring_block_fails(
     with torch.no_grad():
         out = tiny_llava_model.model.vision_tower(torch.from_numpy(pixels["b1"]), output_hidden_states=True)
     wrong = out.hidden_states[wrong_layer][:, 1:].numpy()
-    actual = run_onnx(tiny_bundle / "vision.onnx", {"pixel_values": pixels["b1"]})["features"]
+    actual = run_onnx(member(tiny_bundle, "vision"), {"pixel_values": pixels["b1"]})["features"]
     assert np.abs(actual - wrong).max() > 100 * MAX_ABS
 
 
@@ -54,7 +55,7 @@ def test_projector_onnx_equals_hf(tiny_bundle: Path, tiny_llava_model) -> None:
         ref = tiny_llava_model.model.multi_modal_projector(torch.from_numpy(features)).numpy()
         proj = tiny_llava_model.model.multi_modal_projector
         tanh = proj.linear_2(torch.nn.functional.gelu(proj.linear_1(torch.from_numpy(features)), approximate="tanh"))
-    got = run_onnx(tiny_bundle / "projector.onnx", {"features": features})["embeddings"]
+    got = run_onnx(member(tiny_bundle, "projector"), {"features": features})["embeddings"]
     np.testing.assert_allclose(got, ref, rtol=0, atol=MAX_ABS)
     # negative control: the tanh approximation of GELU is a different function here
     assert np.abs(got - tanh.numpy()).max() > MAX_ABS
@@ -67,13 +68,13 @@ def test_projector_of_features_equals_get_image_features(tiny_bundle: Path, tiny
             vision_feature_select_strategy="default",
         )
     ref = ref.pooler_output[0] if hasattr(ref, "pooler_output") else ref[0]
-    features = run_onnx(tiny_bundle / "vision.onnx", {"pixel_values": pixels["b1"]})["features"]
-    got = run_onnx(tiny_bundle / "projector.onnx", {"features": features})["embeddings"][0]
+    features = run_onnx(member(tiny_bundle, "vision"), {"pixel_values": pixels["b1"]})["features"]
+    got = run_onnx(member(tiny_bundle, "projector"), {"features": features})["embeddings"][0]
     np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=MAX_ABS)
 
 
 def test_graph_has_no_square_map_and_ends_at_block_f(tiny_bundle: Path) -> None:
-    model = onnx.load(str(tiny_bundle / "vision.onnx"), load_external_data=False)
+    model = onnx.load(str(member(tiny_bundle, "vision")), load_external_data=False)
     n = 576
     for output in model.graph.output:
         dims = [d.dim_value for d in output.type.tensor_type.shape.dim]
@@ -119,7 +120,11 @@ def test_bundle_is_complete(tiny_bundle: Path) -> None:
     assert {c["output"] for c in checks} == {"features", "cls_attn", "keys", "embeddings"}
     assert data["validation"]["int8"]["feature_cosine"] > 0.99
     assert data["preprocess"]["mode"] == "pad" and data["pruning"]["p_shallow"] == 0.4
-    assert load_manifest(tiny_bundle).files["vision_int8"] == "vision.int8.onnx"
+    manifest = load_manifest(tiny_bundle)
+    assert manifest.files["vision_int8"] == f"vision.{manifest.export_id}/vision.int8.onnx"
+    for role in ("vision", "projector", "vision_int8"):  # every graph carries the export id
+        props = onnx.load(str(member(tiny_bundle, role)), load_external_data=False).metadata_props
+        assert {p.key: p.value for p in props}[EXPORT_ID_KEY] == manifest.export_id, role
     assert not [p for p in tiny_bundle.parent.iterdir() if p.name.startswith(".")], "staging left behind"
 
 

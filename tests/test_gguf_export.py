@@ -14,15 +14,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from export.bundle_writer import LOCK
 from export.gguf_llama import permute_qk, unpermute_qk
 from runtime.errors import InputError
+from runtime.manifest import EXPORT_ID_KEY, SCHEMA
+from tests.bundle_files import member
 
 PARITY_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float32 logits; seen ~1e-5
 PROBE_ATOL = 1e-4  # probe hidden states, float32 on both sides; seen ~1e-6
 QUANT_ATOL = 0.5  # q8_0 vs f32 logits of the tiny model (|logits| up to ~17): seen 0.32; Q4_0 gives 3.7
 Q8_STEPS = 1.0  # |q8_0 - f32| per weight in steps of amax/127: rounding gives <= 0.5 (+ f16), seen 0.52
 PROMPT = "USER: What is in this picture? ASSISTANT: A cat on a mat."
-SCHEMA = "entroprune.bundle/1"
 PRECISE = {"kv_type": "f32", "flash_attn": "off"}  # llama.cpp in float32 throughout
 
 
@@ -92,28 +94,29 @@ def test_permute_matches_loop_and_inverts(n_head: int, half: int, cols: int) -> 
 # --- the exported bundle -----------------------------------------------------------------
 @pytest.mark.llm
 def test_manifest_entry(exported: Path) -> None:
-    from export.llm import sha256
+    from runtime.bundle_check import file_sha256 as sha256
 
     manifest = _manifest(exported)
     llm = manifest["llm"]
     assert manifest["vision"] == {"projector_dim": 64} and manifest["schema"] == SCHEMA  # kept
-    assert (llm["gguf"], llm["quant"], llm["n_embd"], llm["n_vocab"]) == ("llm-f32.gguf", "f32", 64, 514)
-    assert llm["sha256"] == sha256(exported / llm["gguf"])
+    folder = f"llm.{llm['export_id']}"
+    assert (llm["gguf"], llm["quant"], llm["n_embd"], llm["n_vocab"]) == (f"{folder}/llm-f32.gguf", "f32", 64, 514)
+    assert llm["sha256"] == sha256(exported / llm["gguf"]) and llm["registered"] is False
     probe = llm["probe"]
     assert (probe["gguf"], probe["weights"], probe["entropyprune_layer"], probe["layer"], probe["dtype"]) == (
-        "probe.gguf",
-        "probe_weights.npz",
+        f"{folder}/probe.gguf",
+        f"{folder}/probe_weights.npz",
         2,
         1,
         "f32",
     )
-    assert probe["sha256"] == sha256(exported / "probe.gguf")
-    assert not list(exported.glob(".*")), "no temporary files left behind"
+    assert probe["sha256"] == sha256(member(exported, "probe"))
+    assert {p.name for p in exported.rglob(".*")} == {LOCK}, "no temporary files left behind"
 
 
 @pytest.mark.llm
 def test_gguf_metadata_and_vocab(exported: Path) -> None:
-    reader = gguf.GGUFReader(exported / "llm-f32.gguf")
+    reader = gguf.GGUFReader(member(exported, "llm"))
 
     def field(key: str) -> Any:
         return reader.get_field(key).contents()
@@ -133,7 +136,7 @@ def test_gguf_metadata_and_vocab(exported: Path) -> None:
     assert types[3] == gguf.TokenType.BYTE and tokens[3] == "<0x00>"
     assert [field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")] == [1, 2, 0, 513]
     assert field("tokenizer.ggml.add_bos_token") is True and "ASSISTANT" in field("tokenizer.chat_template")
-    probe = gguf.GGUFReader(exported / "probe.gguf")
+    probe = gguf.GGUFReader(member(exported, "probe"))
     assert probe.get_field("llama.block_count").contents() == 1
     assert sorted(t.name for t in probe.tensors if not t.name.startswith("blk.0.")) == [
         "output_norm.weight",
@@ -151,7 +154,7 @@ def test_llama_cpp_logits_match_hf(exported: Path, tiny_llava_dir: Path, tiny_ll
     ids = AutoTokenizer.from_pretrained(tiny_llava_dir)(PROMPT).input_ids
     with torch.no_grad():
         expected = tiny_llava_model(input_ids=torch.tensor([ids])).logits[0].numpy()
-    actual = _llama_logits(exported / "llm-f32.gguf", ids)
+    actual = _llama_logits(member(exported, "llm"), ids)
     assert actual.shape == expected.shape == (len(ids), 514)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=PARITY_ATOL, err_msg="llama.cpp vs HF logits")
     unpermuted = tmp_path / "no-permute.gguf"
@@ -171,7 +174,7 @@ def test_probe_matches_hf_input_layernorm(exported: Path, tiny_llava_dir: Path, 
     tok = AutoTokenizer.from_pretrained(tiny_llava_dir)
     prefix, suffix = tok("USER: ").input_ids, tok("What is it? ASSISTANT:").input_ids[1:]
     rows = (np.random.default_rng(0).standard_normal((576, 64)) * 0.05).astype(np.float32)
-    with LlamaProbe(exported / "probe.gguf", exported / "probe_weights.npz", n_ctx=640, **PRECISE) as probe:
+    with LlamaProbe(member(exported, "probe"), member(exported, "probe_weights"), n_ctx=640, **PRECISE) as probe:
         out = probe.bind(prefix, suffix)(rows)
     lm = tiny_llava_model.model.language_model
     with torch.no_grad():
@@ -229,7 +232,7 @@ def test_other_key_spellings_convert_identically(
     checkpoint = _renamed_checkpoint(tiny_llava_dir, tmp_path / style, style)
     write_llama_gguf(checkpoint, tmp_path / "out.gguf", "f32")
     ours = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "out.gguf").tensors}
-    reference = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(exported / "llm-f32.gguf").tensors}
+    reference = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(member(exported, "llm")).tensors}
     assert sorted(ours) == sorted(reference)
     for name, data in reference.items():
         np.testing.assert_array_equal(ours[name], data, err_msg=name)
@@ -243,30 +246,31 @@ def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_pa
     out = _bundle(tmp_path / "q8")
     entry = export_llm(str(tiny_llava_dir), quant="q8_0", out=out).entry
     assert (entry["quant"], entry["probe"]["dtype"]) == ("q8_0", "f16")
-    reader = gguf.GGUFReader(out / "llm-q8_0.gguf")
+    reader = gguf.GGUFReader(member(out, "llm"))
     assert reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q8_0
     ids = [1, 423, 488, 453, 265, 327]
-    reference = _llama_logits(exported / "llm-f32.gguf", ids)
+    reference = _llama_logits(member(exported, "llm"), ids)
     np.testing.assert_allclose(
-        _llama_logits(out / "llm-q8_0.gguf", ids), reference, rtol=0, atol=QUANT_ATOL, err_msg="q8_0 vs f32"
+        _llama_logits(member(out, "llm"), ids), reference, rtol=0, atol=QUANT_ATOL, err_msg="q8_0 vs f32"
     )
     # Tensor by tensor within one q8_0 step of the f32 export: a wrong tensor in the quantised path
     # (e.g. q/k rows unpermuted in the f16 intermediate: +0.03 on the logits, inside QUANT_ATOL) fails.
-    steps = _q8_steps(out / "llm-q8_0.gguf", exported / "llm-f32.gguf")
+    steps = _q8_steps(member(out, "llm"), member(exported, "llm"))
     assert max(steps.values()) <= Q8_STEPS, {k: round(v, 2) for k, v in steps.items() if v > Q8_STEPS}
     # Negative control: the same export with llama_ftype 2 (Q4_0) where 7 (Q8_0) belongs, a plausible
     # slip in export.llm's QUANTS table, must fail the same bound.
     monkeypatch.setitem(export.llm.QUANTS, "q8_0", 2)
     coarse = _bundle(tmp_path / "q8-wrong-ftype")
     export_llm(str(tiny_llava_dir), quant="q8_0", out=coarse)
-    coarse_reader = gguf.GGUFReader(coarse / "llm-q8_0.gguf")
+    coarse_reader = gguf.GGUFReader(member(coarse, "llm"))
     assert coarse_reader.get_field("general.file_type").contents() == gguf.LlamaFileType.MOSTLY_Q4_0
-    assert not np.allclose(_llama_logits(coarse / "llm-q8_0.gguf", ids), reference, rtol=0, atol=QUANT_ATOL)
-    assert max(_q8_steps(coarse / "llm-q8_0.gguf", exported / "llm-f32.gguf").values()) > Q8_STEPS
+    assert not np.allclose(_llama_logits(member(coarse, "llm"), ids), reference, rtol=0, atol=QUANT_ATOL)
+    assert max(_q8_steps(member(coarse, "llm"), member(exported, "llm")).values()) > Q8_STEPS
     monkeypatch.undo()
     with pytest.raises(InputError, match="--force"):
         export_llm(str(tiny_llava_dir), quant="q8_0", out=out)
-    assert not list(out.glob(".*")), "no temporary files left behind"
+    assert {p.name for p in out.rglob(".*")} == {LOCK}, "no temporary files left behind"
+    assert [p.name for p in out.glob("llm.*")] == [f"llm.{entry['export_id']}"], "no staging folder left"
 
 
 @pytest.mark.llm
@@ -276,13 +280,16 @@ def test_register_existing_gguf(
     from export.llm import main
 
     out = _bundle(tmp_path / "registered", vision={})
-    assert main(["--model", str(tiny_llava_dir), "--gguf", str(exported / "llm-f32.gguf"), "--out", str(out)]) == 0
+    assert main(["--model", str(tiny_llava_dir), "--gguf", str(member(exported, "llm")), "--out", str(out)]) == 0
     assert "n_embd check skipped" in capsys.readouterr().err
     llm = _manifest(out)["llm"]
-    assert llm["gguf"] == "llm-f32.gguf" and llm["n_embd"] == 64  # inside the bundle: it can be moved
-    assert os.path.samefile(out / "llm-f32.gguf", exported / "llm-f32.gguf")  # a hard link, no second copy
-    assert llm["source"] == str((exported / "llm-f32.gguf").resolve())
-    assert llm["probe"]["sha256"] == _manifest(exported)["llm"]["probe"]["sha256"]  # same cut, same bytes
+    assert llm["gguf"] == f"llm.{llm['export_id']}/llm-f32.gguf" and llm["n_embd"] == 64  # inside: can be moved
+    assert llm["registered"] is True
+    assert os.path.samefile(member(out, "llm"), member(exported, "llm"))  # a hard link, no second copy
+    assert llm["source"] == str(member(exported, "llm").resolve())
+    cut, original = (gguf.GGUFReader(member(b, "probe")) for b in (out, exported))  # same cut, other export id
+    assert [(t.name, t.data.tobytes()) for t in cut.tensors] == [(t.name, t.data.tobytes()) for t in original.tensors]
+    assert cut.get_field(EXPORT_ID_KEY).contents() == llm["export_id"] != _manifest(exported)["llm"]["export_id"]
 
 
 @pytest.mark.llm
@@ -292,7 +299,7 @@ def test_cli_errors_exit_2_with_one_line(
 ) -> None:
     from export.llm import main
 
-    gguf_file = str(exported / "llm-f32.gguf")
+    gguf_file = str(member(exported, "llm"))
     args, expected = {
         "no-manifest": (["--model", str(tiny_llava_dir), "--out", str(tmp_path / "empty")], "run export.clip first"),
         "unknown-alias": (["--model", "llava-9", "--gguf", gguf_file, "--out", str(tmp_path)], "unknown model"),
@@ -337,9 +344,13 @@ def test_bundle_openers_check_the_projector_width(exported: Path) -> None:
             opener(exported, wider, n_ctx=64)
     with pytest.raises(BundleError, match="no language model"):
         open_language_model(exported, {k: v for k, v in manifest.items() if k != "llm"})
-    deeper = {**manifest, "llm": {**manifest["llm"], "probe": {**manifest["llm"]["probe"], "layer": 2}}}
+    probe = manifest["llm"]["probe"]
+    deeper = {**manifest, "llm": {**manifest["llm"], "probe": {**probe, "layer": 2, "entropyprune_layer": 3}}}
     with pytest.raises(BundleError, match="holds layer 1 but the manifest records probe layer 2"):
         open_probe(exported, deeper, n_ctx=64)
+    inconsistent = {**manifest, "llm": {**manifest["llm"], "probe": {**probe, "layer": 2}}}  # P = 2 says layer 1
+    with pytest.raises(BundleError, match="layer 2 must be entropyprune_layer - 1"):
+        open_probe(exported, inconsistent, n_ctx=64)
 
 
 @pytest.mark.llm
@@ -353,7 +364,7 @@ def test_llava_prompt_with_injected_rows_matches_hf(
     from runtime.template import Conversation, conversation_segments, encode_prompt
 
     rows = (np.random.default_rng(1).standard_normal((64, 64)) * 0.05).astype(np.float32)
-    with LlamaBackend(exported / "llm-f32.gguf", n_ctx=256, **PRECISE) as backend:
+    with LlamaBackend(member(exported, "llm"), n_ctx=256, **PRECISE) as backend:
         tokens = encode_prompt(conversation_segments(Conversation().ask("What is it?")), backend)
         backend.eval_tokens(tokens.prefix)
         backend.eval_embeddings(rows)

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from export.validate import INT8_MIN_COSINE, INT8_MIN_OVERLAP, INT8_TOP, int8_report
 from runtime.pipeline import Pipeline
+from tests.bundle_files import member
 
 K = INT8_TOP  # the budget compared: the export's own top-64 check
 # Kept-set overlap bound for the attention-ranked strategies (dynamic int8 on the tiny model: 60..64
@@ -47,10 +48,9 @@ def int4_bundle(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A copy of the tiny bundle whose vision.int8.onnx is the 4-bit graph (manifest sizes updated)."""
     out = tmp_path_factory.mktemp("int4") / "bundle"
     shutil.copytree(tiny_bundle, out)
-    int4_graph(tiny_bundle / "vision.onnx", out / "vision.int8.onnx")
+    int4_graph(member(tiny_bundle, "vision"), member(out, "vision_int8"))
     manifest = json.loads((out / "manifest.json").read_text())
-    if isinstance(manifest.get("sizes"), dict):
-        manifest["sizes"]["vision.int8.onnx"] = (out / "vision.int8.onnx").stat().st_size
+    manifest["sizes"][manifest["files"]["vision_int8"]] = member(out, "vision_int8").stat().st_size
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -75,12 +75,12 @@ def test_export_records_ok_for_the_dynamic_int8_graph(tiny_bundle: Path, capsys)
     recorded = json.loads((tiny_bundle / "manifest.json").read_text())["validation"]["int8"]
     assert recorded["ok"] is True and recorded["top_k"] == INT8_TOP
     assert recorded["feature_cosine"] >= INT8_MIN_COSINE and recorded["cls_topk_overlap"] >= INT8_MIN_OVERLAP
-    again = int8_report(tiny_bundle / "vision.onnx", tiny_bundle / "vision.int8.onnx", IMAGE_SIZE)
+    again = int8_report(member(tiny_bundle, "vision"), member(tiny_bundle, "vision_int8"), IMAGE_SIZE)
     assert again["ok"] is True and capsys.readouterr().err == ""
 
 
 def test_export_warns_loudly_on_a_bad_quantiser(int4_bundle: Path, capsys) -> None:
-    report = int8_report(int4_bundle / "vision.onnx", int4_bundle / "vision.int8.onnx", IMAGE_SIZE)
+    report = int8_report(member(int4_bundle, "vision"), member(int4_bundle, "vision_int8"), IMAGE_SIZE)
     assert report["ok"] is False
     assert report["feature_cosine"] < INT8_MIN_COSINE and report["cls_topk_overlap"] < INT8_MIN_OVERLAP
     err = capsys.readouterr().err.strip().splitlines()
@@ -96,7 +96,7 @@ def test_export_flags_either_bound_alone(tiny_bundle: Path, monkeypatch, capsys,
     real = validate.run_onnx
 
     def distorted(path: Path, feeds: dict) -> dict:
-        out = real(tiny_bundle / "vision.onnx", feeds)
+        out = real(member(tiny_bundle, "vision"), feeds)
         if path.name == "vision.int8.onnx" and broken == "features":
             noise = np.random.default_rng(0).standard_normal(out["features"].shape).astype(np.float32)
             out["features"] = out["features"] + 0.3 * np.abs(out["features"]).mean() * noise
@@ -105,7 +105,7 @@ def test_export_flags_either_bound_alone(tiny_bundle: Path, monkeypatch, capsys,
         return out
 
     monkeypatch.setattr(validate, "run_onnx", distorted)
-    report = int8_report(tiny_bundle / "vision.onnx", tiny_bundle / "vision.int8.onnx", IMAGE_SIZE)
+    report = int8_report(member(tiny_bundle, "vision"), member(tiny_bundle, "vision_int8"), IMAGE_SIZE)
     cosine_ok = report["feature_cosine"] >= INT8_MIN_COSINE
     overlap_ok = report["cls_topk_overlap"] >= INT8_MIN_OVERLAP
     assert (cosine_ok, overlap_ok) == ((False, True) if broken == "features" else (True, False)), report

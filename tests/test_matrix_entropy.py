@@ -18,10 +18,9 @@ from runtime.matrix_entropy import (
     matrix_entropy,
     matrix_entropy_direct,
     normalised_spectrum,
-    probe_queries,
-    rope,
     spectrum_entropy,
 )
+from runtime.probe_scores import probe_queries, rope
 from runtime.types import ProbeOutput
 from tools import bench_matrix_entropy
 

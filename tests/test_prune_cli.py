@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from runtime.prune import main
+from tests.bundle_files import member
 
 F, N = 23, 576
 
@@ -126,8 +127,8 @@ def test_bad_bundles_are_one_line(tiny_bundle: Path, photo_path: Path, tmp_path:
     (other / "manifest.json").write_text(json.dumps(manifest))
     missing = tmp_path / "missing-file"
     shutil.copytree(tiny_bundle, missing)
-    (missing / "projector.onnx").unlink()
-    cases = {other: "schema", missing: "missing projector.onnx", tmp_path / "nowhere": "no bundle directory"}
+    member(missing, "projector").unlink()
+    cases = {other: "schema", missing: "/projector.onnx (projector)", tmp_path / "nowhere": "no bundle directory"}
     for bundle, words in cases.items():
         assert main([str(photo_path), "--model", str(bundle)]) == 2
         err = capsys.readouterr().err.strip()

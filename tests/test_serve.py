@@ -25,7 +25,7 @@ from PIL import Image
 
 from runtime.assistant import Assistant, Settings
 from runtime.serve import listen, main, make_server
-from runtime.serve_api import Limits
+from runtime.serve_api import APIError, ChatRequest, Limits, settings_changes
 from runtime.serve_app import ServeConfig, create_app
 
 pytestmark = pytest.mark.llm
@@ -185,7 +185,8 @@ BAD_REQUESTS = {
     "too many messages": (400, "too many messages", {"messages": [user("x"), {"role": "assistant", "content": "y"}]
                                                      * 8 + [user("z")]}),
     "bad temperature": (400, "temperature", {"messages": [user("x")], "temperature": -1}),
-    "bad budget": (400, "tokens", {"messages": [user("x")], "visual_tokens": 5000}),
+    "bad max_tokens": (400, "max_tokens must be >= 1, got 0", {"messages": [user("x")], "max_tokens": 0}),
+    "bad budget": (400, "visual_tokens must be in 1..", {"messages": [user("x")], "visual_tokens": 5000}),
     "bad strategy": (400, "strategy", {"messages": [user("x", data_url(png()))], "strategy": "nope"}),
     "context overflow": (400, "context", {"messages": [user("hello world " * 1500)], "max_tokens": 4}),
 }
@@ -197,6 +198,19 @@ def test_bad_requests_are_openai_style_errors(server: Running, name: str) -> Non
     error = assert_error(server.chat(payload), status, fragment)
     if name == "context overflow":
         assert error["code"] == "context_length_exceeded"
+    if name in ("bad max_tokens", "bad budget"):
+        assert error["param"] == {"bad max_tokens": "max_tokens", "bad budget": "visual_tokens"}[name]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])
+def test_settings_errors_name_the_request_field(field: str) -> None:
+    """Settings speak keyword arguments, which are the API's field names: no CLI flag reaches a client."""
+    request = ChatRequest.model_validate({"messages": [user("x")], field: 0})
+    with pytest.raises(APIError) as info:
+        settings_changes(request, Settings())
+    error = info.value
+    assert (error.status, error.message, error.code, error.param) == (
+        400, "max_tokens must be >= 1, got 0", "invalid_value", "max_tokens")
 
 
 def test_bad_json_and_unknown_routes(server: Running) -> None:

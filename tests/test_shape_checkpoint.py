@@ -196,7 +196,7 @@ def test_padded_tokenizer_fillers_are_never_produced(tmp_path: Path) -> None:
     import sentencepiece as spm
 
     from tools.llama_tokenizer import filler_piece, train_llama_spm
-    from tools.make_tiny_llava import llava_tokenizer
+    from tools.llava_parts import llava_tokenizer
 
     model = train_llama_spm(tmp_path, max_chars=20_000)  # too little text for 32,000 merges
     sp = spm.SentencePieceProcessor(model_file=str(model))

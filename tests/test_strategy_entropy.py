@@ -85,6 +85,25 @@ def test_entropy_hand_case_negative_controls() -> None:
 
 @pytest.mark.parametrize(("seed", "budget"), [(0, 32), (1, 64), (2, 1), (3, 144)])
 def test_entropy_matches_loop_reference(seed: int, budget: int) -> None:
+    assert_entropy_matches_loop(seed, budget)
+
+
+@pytest.mark.parametrize(("seed", "budget"), [(0, 32), (1, 64)])
+def test_entropy_negative_control_shallow_layer_first(seed: int, budget: int, monkeypatch) -> None:
+    """The strategy calling select_dual with the layers swapped (the shallow layer takes its k_s
+    first, the deep one picks among the rest) fails the same loop comparison."""
+    from runtime.selection import select_dual
+    from runtime.strategies import entropy
+
+    def shallow_first(s_shallow: np.ndarray, s_deep: np.ndarray, k_s: int, k_d: int) -> np.ndarray:
+        return select_dual(s_deep, s_shallow, k_d, k_s)  # the real select_dual, called the wrong way round
+
+    monkeypatch.setattr(entropy, "select_dual", shallow_first)
+    with pytest.raises(AssertionError, match="Arrays are not equal"):  # the kept indices differ
+        assert_entropy_matches_loop(seed, budget)
+
+
+def assert_entropy_matches_loop(seed: int, budget: int) -> None:
     f, n, d = 23, 144, 16
     attn = random_attention(seed, (f, 4, n))
     features = np.random.default_rng(100 + seed).normal(size=(n, d)).astype(np.float32)

@@ -30,10 +30,10 @@ from runtime.atomic import write_atomic, write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
 from runtime.merging import merge_tokens
+from runtime.model_registry import bundle_path
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
-from runtime.registry import bundle_path
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
 from runtime.strategies.visionzip import contextual_count, contextual_groups

@@ -23,9 +23,9 @@ default the manifest's source directory).
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,80 +37,15 @@ from runtime.errors import InputError
 from runtime.llm import LlamaBackend, projector_out_dim
 from runtime.llm_bundle import open_language_model
 from runtime.pipeline import Pipeline
-from runtime.probe import DEFAULT_QUESTION, LlamaProbe, probe_from_manifest
+from runtime.probe import LlamaProbe, probe_from_manifest
 from runtime.prompt_cache import ImageRows
 from runtime.strategies.registry import available, get_strategy
 from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
+from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
+from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
 from tools.benchlib import decode_greedy_ms, median, sample_images, timed_ms
 
-STAGES = ("preprocess", "encode", "prune", "projector", "probe", "prefill", "first_token")
-RANDOM_ROW_STD = 0.02  # projected LLaVA rows are roughly this size (as tools/bench_llm.py)
 PROMPT_ROOM = 512  # context positions reserved for the prompt text around the image rows
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What to measure (CLI flags map one to one)."""
-
-    bundle: Path
-    gguf: Path | None = None
-    strategies: tuple[str, ...] = ()  # empty: every registered strategy
-    tokens: tuple[int, ...] = (64, 128, 192)
-    images: int = 2
-    repeats: int = 3
-    decode_tokens: int = 16
-    threads: int | None = None
-    question: str = DEFAULT_QUESTION
-
-    def __post_init__(self) -> None:
-        if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1 or not self.tokens:
-            raise InputError(f"need --images, --repeats, --decode-tokens >= 1 and some --tokens; got {self.images}, "
-                             f"{self.repeats}, {self.decode_tokens}, {list(self.tokens)}")
-        for name in self.strategies:
-            get_strategy(name)  # unknown names: one line listing the valid ones
-
-
-@dataclass(frozen=True)
-class StageRow:
-    """Medians of one (strategy, K)."""
-
-    strategy: str
-    tokens: int  # K rows fed to the LLM
-    stages_ms: Mapping[str, float]  # every name in STAGES (0.0 where the stage does not run)
-    ttft_ms: float  # the sum of stages_ms
-    decode_tokens_per_s: float
-    prefill_positions: int  # prompt tokens + K
-    runs: int  # images × repeats behind each median
-
-
-@dataclass(frozen=True)
-class LlmInfo:
-    """The language model the LLM stages ran on."""
-
-    path: str
-    n_embd: int
-    projector_dim: int
-    probe: str  # where the probe came from
-
-    @property
-    def random_rows(self) -> bool:
-        return self.n_embd != self.projector_dim
-
-    def note(self) -> str:
-        if not self.random_rows:
-            return f"LLM {Path(self.path).name} (n_embd {self.n_embd}) fed the projected rows"
-        return (f"LLM {Path(self.path).name} has n_embd {self.n_embd} ≠ projector width {self.projector_dim}: "
-                f"its stages (probe, prefill, decode) got random rows N(0, {RANDOM_ROW_STD}²) of width "
-                f"{self.n_embd}; preprocess, encode, prune and projector are real")
-
-
-@dataclass(frozen=True)
-class BenchResult:
-    config: BenchConfig
-    llm: LlmInfo
-    rows: tuple[StageRow, ...]
-    skipped: tuple[str, ...] = ()  # strategies that could not run, with the reason
-    mtmd: Mapping[str, Any] | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -132,11 +67,11 @@ def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int)
     """A probe cut from ``--gguf`` at the bundle's probe layer, in a temporary directory."""
     from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
 
-    layer = int(manifest.llm["probe"]["layer"])
+    layer = manifest.llm.probe.layer
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-probe-")))
     log(f"cutting a probe (blocks 0..{layer - 1}) from {config.gguf}")
-    write_probe_gguf(config.gguf, tmp / "probe.gguf", layer)
-    save_probe_weights(tmp / "probe_weights.npz", read_probe_weights(config.gguf, layer))
+    write_probe_gguf(config.gguf, tmp / "probe.gguf", layer, "bench")  # a throw-away probe: no bundle id
+    save_probe_weights(tmp / "probe_weights.npz", read_probe_weights(config.gguf, layer), "bench")
     probe = LlamaProbe(tmp / "probe.gguf", tmp / "probe_weights.npz", n_threads=config.threads, n_ctx=n_ctx)
     stack.callback(probe.close)
     return probe
@@ -166,7 +101,7 @@ def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_
     random = _random_rows(manifest.vision.num_patches, backend.n_embd) if info.random_rows else None
     rows_for = (lambda rows: random[: rows.shape[0]]) if random is not None else (lambda rows: rows)
     probe = None
-    if wants_probe and isinstance(manifest.llm, dict) and "probe" in manifest.llm:
+    if wants_probe and manifest.llm is not None:
         cut = _cut_probe(config, manifest, stack, n_ctx)
         tokens = encode_prompt(segments, cut.backend)
         bound = cut.bind(tokens.prefix, tokens.suffix)
@@ -272,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
-
         config = BenchConfig(args.model, args.gguf, tuple(args.strategies), tuple(args.tokens), args.images,
                              args.repeats, args.decode_tokens, args.threads)
         result = run_bench(config)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         from runtime.assistant import Assistant, Settings
-        from runtime.registry import bundle_path
+        from runtime.model_registry import bundle_path
 
         images = [Image.fromarray(image) for image in sample_images(3)]  # the third only warms up
         settings = Settings(tokens=args.tokens, max_tokens=args.max_tokens, temperature=0.0)

@@ -198,7 +198,7 @@ def compare_with_mtmd(bundle: str | Path, model_dir: str | Path, out: str | Path
     from export.mmproj import write_mmproj_gguf
 
     pipeline = Pipeline(bundle, threads=threads)
-    text_gguf = pipeline.manifest.root / pipeline.manifest.llm["gguf"]
+    text_gguf = pipeline.manifest.root / pipeline.manifest.llm.gguf
     infos = {order: write_mmproj_gguf(model_dir, Path(out) / f"mmproj-{order}.gguf", position_order=order)
              for order in ("hf", "cls-last")}
     pictures = square_images(images, pipeline.manifest.vision.image_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_atomic, write_json_atomic
-from tools.bench import STAGES, BenchResult
+from tools.bench_types import STAGES, BenchResult
 from tools.benchlib import markdown_table
 
 CSV_COLUMNS = ("strategy", "tokens", *(f"{s}_ms" for s in STAGES), "ttft_ms", "decode_tokens_per_s",

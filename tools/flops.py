@@ -39,7 +39,7 @@ from typing import Any
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
-from runtime.registry import load_spec
+from runtime.model_registry import load_spec
 from runtime.strategies.registry import available, get_strategy
 
 COST_MODELS = ("none", "uniform", "fastervlm", "visionzip", "entropy", "divprune", "entropyprune", "fastv")

@@ -202,7 +202,7 @@ def rehearse(config: RehearsalConfig) -> Rehearsal:
 
 def _config(args: argparse.Namespace) -> RehearsalConfig:
     """Resolve and check the CLI's paths; writes the default photo into ``--out``."""
-    from runtime.registry import known_aliases
+    from runtime.model_registry import known_aliases
 
     ckpt = Path(args.checkpoint).expanduser()
     if not ckpt.is_dir() and args.checkpoint not in known_aliases():

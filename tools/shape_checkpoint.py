@@ -13,7 +13,7 @@ Memory: shard membership is planned from the meta shapes, then each shard is gen
 index is written last.
 
 Values: the CLIP tower and projector are the real torch modules at full width, with
-``_sharpen_attention`` as the tiny model, converted to fp16. Language-model norms are 1.0, every
+``sharpen_attention`` as the tiny model, converted to fp16. Language-model norms are 1.0, every
 other language-model tensor is N(0, 0.02²) drawn by inverse-CDF lookup: uniform 16-bit integers
 index a table of the 65,536 fp16 normal quantiles at (i + 0.5) / 65536, i.e. iid samples of a
 normal discretised to equal-probability levels (|x| <= 4.3 sigma) -- fp16 has fewer distinct values
@@ -199,11 +199,11 @@ def vision_tensors(config: Any, seed: int) -> dict[str, np.ndarray]:
     from transformers import CLIPVisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    from tools.make_tiny_llava import QK_GAIN, _sharpen_attention
+    from tools.llava_parts import QK_GAIN, sharpen_attention
 
     torch.manual_seed(seed)
     tower = CLIPVisionModel(config.vision_config)
-    _sharpen_attention(tower, QK_GAIN, seed)
+    sharpen_attention(tower, QK_GAIN, seed)
     parts = {"model.vision_tower.": tower, "model.multi_modal_projector.": LlavaMultiModalProjector(config)}
     out = {}
     for prefix, module in parts.items():

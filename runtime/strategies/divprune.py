@@ -35,8 +35,13 @@ def divprune_indices(dist: np.ndarray, budget: int) -> np.ndarray:
 
     First pick: argmax_i min_{j != i} dist[i, j] (N = 1: token 0); then repeatedly the unpicked
     token farthest from the picked set (max of its min distance). Ties (exact floating-point
-    equality): smaller index. Picked tokens are masked out, so duplicates (distance 0) never
-    repeat an index.
+    equality): smaller index.
+    Each token is picked at most once (method.md is silent): picked tokens are masked out of the
+    argmax, so the result is always K distinct indices. The released loop takes the argmax over
+    all tokens, where a picked token scores its self-distance 1 − cos(x, x), which is round-off
+    (±1e-7), not 0; once every unpicked token duplicates a picked one (distance 0 — LLaVA's
+    pad-to-square fills whole regions with identical mean-colour patches), it can pick a token
+    again, and the LLM would get one row twice and fewer than K distinct tokens.
     Example: unit vectors at 0°, 10°, 180°, K = 2: nearest-other distances 0.015, 0.015, 1.985
     pick 2 first, then 0 (distance 2 > 1.985) -> [0, 2].
     """

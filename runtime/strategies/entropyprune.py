@@ -1,5 +1,10 @@
 """EntropyPrune (method.md §2): keep the image tokens whose layer-(P−1) queries have the highest
-head-matrix entropy, read from the llama.cpp probe."""
+head-matrix entropy, read from the llama.cpp probe.
+
+The query of a token is split into the model's own heads ([h, d_h]), not into 128-wide groups as
+in the released code (equal for LLaVA-1.5, whose d_h is 128): see
+:func:`runtime.matrix_entropy.head_entropy_scores` for why.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.matrix_entropy import head_entropy_scores, probe_queries
+from runtime.matrix_entropy import head_entropy_scores
+from runtime.probe_scores import probe_queries
 from runtime.selection import check_budget, top_k
-from runtime.strategies.probing import run_probe, score_summary
+from runtime.strategies.probing import probe_projected_patches, score_summary
 from runtime.strategies.registry import register
 from runtime.types import PruneInputs, Selection
 
@@ -43,7 +49,7 @@ def entropyprune(inputs: PruneInputs, budget: int, options: EntropyPruneOptions)
     """Strategy ``entropyprune``: the K image queries of highest head entropy, ascending."""
     features = inputs.encoded.features
     budget = check_budget(budget, features.shape[0])
-    probe = run_probe("entropyprune", inputs)
+    probe = probe_projected_patches("entropyprune", inputs)
     scores = head_entropy_scores(probe_queries(probe))
     kept = np.sort(top_k(scores, budget))
     # probe_layer: P−1, the 0-based decoder layer whose queries were read (None if unknown).

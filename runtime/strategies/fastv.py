@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.matrix_entropy import fastv_scores
+from runtime.probe_scores import fastv_scores
 from runtime.selection import check_budget, top_k
-from runtime.strategies.probing import run_probe, score_summary
+from runtime.strategies.probing import probe_projected_patches, score_summary
 from runtime.strategies.registry import register
 from runtime.types import PruneInputs, Selection
 
@@ -24,7 +24,7 @@ def fastv(inputs: PruneInputs, budget: int, options: FastVOptions) -> Selection:
     """Strategy ``fastv``: top K head-mean attention scores of the last position, ascending."""
     features = inputs.encoded.features
     budget = check_budget(budget, features.shape[0])
-    probe = run_probe("fastv", inputs)
+    probe = probe_projected_patches("fastv", inputs)
     scores = fastv_scores(probe)
     kept = np.sort(top_k(scores, budget))
     # probe_layer: P−1, the 0-based decoder layer whose queries were read (None if unknown).

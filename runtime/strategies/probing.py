@@ -10,10 +10,13 @@ from runtime.errors import InputError
 from runtime.types import ProbeOutput, PruneInputs
 
 
-def run_probe(name: str, inputs: PruneInputs) -> ProbeOutput:
-    """Project all N features to ``[N, E]`` embeddings and run the language-model probe on them."""
+def probe_projected_patches(strategy: str, inputs: PruneInputs) -> ProbeOutput:
+    """Project all N features to ``[N, E]`` embeddings and run the language-model probe on them.
+
+    ``strategy`` names the caller in the error raised when the bundle has no probe.
+    """
     if inputs.probe is None:
-        raise InputError(f"strategy {name!r} needs the language model probe (run export.llm)")
+        raise InputError(f"strategy {strategy!r} needs the language model probe (run export.llm)")
     probe = inputs.probe(inputs.project(inputs.encoded.features))
     n = inputs.encoded.num_patches
     if probe.num_image != n:

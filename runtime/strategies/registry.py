@@ -2,6 +2,8 @@
 
 A strategy module registers itself with :func:`register`, giving its options dataclass (frozen,
 validated in ``__post_init__``, every field defaulted). The pipeline never names a strategy.
+This module imports no strategy module (a leaf of the import graph): importing it runs
+``runtime/strategies/__init__.py`` first, which imports the built-in ones (``builtin``).
 """
 
 from __future__ import annotations
@@ -57,19 +59,12 @@ def register(name: str, options: type, needs_probe: bool = False) -> Callable[[S
 
 def available() -> list[str]:
     """Names of all registered strategies, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called ``name``; an unknown name lists the valid ones."""
-    _load_builtin()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise InputError(f"unknown strategy {name!r}; choose one of: {', '.join(available())}") from None
-
-
-def _load_builtin() -> None:
-    # Importing the strategy modules registers them (once; Python caches modules).
-    from runtime.strategies import builtin  # noqa: F401

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from runtime.assistant import Assistant, Settings
-from runtime.registry import bundle_path
+from runtime.model_registry import bundle_path
 
 
 class LlavaAnswerer:

@@ -7,12 +7,12 @@ from pathlib import Path
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from runtime.errors import BundleError, InputError
+from runtime.errors import BundleError, InputError, SettingError
 
 DEFAULT_PROVIDER = "CPUExecutionProvider"
 # what onnxruntime raises for a missing, corrupt or unsupported graph file
 _LOAD_ERRORS = (ort_state.InvalidProtobuf, ort_state.NoSuchFile, ort_state.InvalidGraph, ort_state.Fail,
-                ort_state.RuntimeException, OSError)
+                ort_state.InvalidArgument, ort_state.RuntimeException, OSError)
 
 
 def available_providers() -> list[str]:
@@ -49,7 +49,7 @@ def open_session(path: Path, provider: str | None = None, threads: int | None = 
     memory arena is off so one image's peak is not kept for the session's lifetime (~3 % slower).
     """
     if threads is not None and threads < 1:
-        raise InputError(f"--threads must be >= 1, got {threads}")
+        raise SettingError("threads", f"must be >= 1, got {threads}")
     options = low_memory_options()
     if threads:
         options.intra_op_num_threads = threads

@@ -1,0 +1,85 @@
+"""``runtime.prune --check``: every bundle file against the sha256 its export recorded.
+
+Loading a bundle checks what is cheap (each file inside the bundle, its size, the export id in
+its metadata); this reads every byte, so a file changed in place — one byte of a GGUF, a graph
+edited to the same size — is found too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.cli import log
+from runtime.errors import BundleError
+from runtime.manifest import Manifest, bundle_file, repair_command
+
+CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One bundle file: what the manifest recorded and what is on disk."""
+
+    name: str  # bundle-relative path
+    role: str  # vision, projector, ..., llm, probe, probe weights
+    exporter: str  # the command that rewrites it: export.clip or export.llm
+    recorded: str | None  # sha256 in the manifest (None: not recorded)
+    actual: str
+
+    @property
+    def ok(self) -> bool:
+        return self.recorded is not None and self.recorded == self.actual
+
+
+def expected_hashes(manifest: Manifest) -> list[tuple[str, str, str, int, str | None]]:
+    """``(name, role, exporter, size, sha256)`` of every file the manifest names."""
+    hashes = manifest.data.get("sha256") if isinstance(manifest.data.get("sha256"), dict) else {}
+    rows = [(name, role, "export.clip", manifest.data["sizes"][name], hashes.get(name))
+            for role, name in manifest.files.items()]
+    llm = manifest.llm
+    if llm is not None:
+        probe = llm.probe
+        rows += [(llm.gguf, "llm", "export.llm", llm.size, llm.sha256),
+                 (probe.gguf, "probe", "export.llm", probe.size, probe.sha256),
+                 (probe.weights, "probe weights", "export.llm", probe.weights_size, probe.weights_sha256)]
+    return rows
+
+
+def check_bundle(manifest: Manifest) -> list[FileCheck]:
+    """Hash every file of the bundle (progress on stderr); the per-file results."""
+    checks = []
+    for name, role, exporter, size, recorded in expected_hashes(manifest):
+        path = bundle_file(manifest.root, name, role, size, repair_command(manifest.data, manifest.root, exporter))
+        log(f"  sha256 {name} ({size / 1e9:.2f} GB)")
+        checks.append(FileCheck(name, role, exporter, recorded if isinstance(recorded, str) else None,
+                                file_sha256(path)))
+    return checks
+
+
+def check_table(checks: list[FileCheck]) -> str:
+    """A markdown table: file | role | sha256 | ok."""
+    lines = ["| file | role | sha256 | ok |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c.name} | {c.role} | {c.actual[:16]}… | {'✓' if c.ok else '✗'} |")
+    return "\n".join(lines)
+
+
+def require_intact(manifest: Manifest, checks: list[FileCheck]) -> None:
+    """A one-line BundleError naming every file that differs from its export, with the repair."""
+    bad = [c for c in checks if not c.ok]
+    if not bad:
+        return
+    names = ", ".join(f"{c.name} ({'no sha256 recorded' if c.recorded is None else 'changed'})" for c in bad)
+    repairs = " and ".join(sorted({repair_command(manifest.data, manifest.root, c.exporter) for c in bad}))
+    raise BundleError(f"bundle {manifest.root}: {names} differ from what the export wrote; {repairs}")

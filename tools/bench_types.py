@@ -1,0 +1,80 @@
+"""What tools/bench.py measures and returns, shared with its report writer (tools/bench_report.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import InputError
+from runtime.probe import DEFAULT_QUESTION
+from runtime.strategies.registry import get_strategy
+
+STAGES = ("preprocess", "encode", "prune", "projector", "probe", "prefill", "first_token")
+RANDOM_ROW_STD = 0.02  # projected LLaVA rows are roughly this size (as tools/bench_llm.py)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure (CLI flags map one to one)."""
+
+    bundle: Path
+    gguf: Path | None = None
+    strategies: tuple[str, ...] = ()  # empty: every registered strategy
+    tokens: tuple[int, ...] = (64, 128, 192)
+    images: int = 2
+    repeats: int = 3
+    decode_tokens: int = 16
+    threads: int | None = None
+    question: str = DEFAULT_QUESTION
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1 or not self.tokens:
+            raise InputError(f"need --images, --repeats, --decode-tokens >= 1 and some --tokens; got {self.images}, "
+                             f"{self.repeats}, {self.decode_tokens}, {list(self.tokens)}")
+        for name in self.strategies:
+            get_strategy(name)  # unknown names: one line listing the valid ones
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """Medians of one (strategy, K)."""
+
+    strategy: str
+    tokens: int  # K rows fed to the LLM
+    stages_ms: Mapping[str, float]  # every name in STAGES (0.0 where the stage does not run)
+    ttft_ms: float  # the sum of stages_ms
+    decode_tokens_per_s: float
+    prefill_positions: int  # prompt tokens + K
+    runs: int  # images × repeats behind each median
+
+
+@dataclass(frozen=True)
+class LlmInfo:
+    """The language model the LLM stages ran on."""
+
+    path: str
+    n_embd: int
+    projector_dim: int
+    probe: str  # where the probe came from
+
+    @property
+    def random_rows(self) -> bool:
+        return self.n_embd != self.projector_dim
+
+    def note(self) -> str:
+        if not self.random_rows:
+            return f"LLM {Path(self.path).name} (n_embd {self.n_embd}) fed the projected rows"
+        return (f"LLM {Path(self.path).name} has n_embd {self.n_embd} ≠ projector width {self.projector_dim}: "
+                f"its stages (probe, prefill, decode) got random rows N(0, {RANDOM_ROW_STD}²) of width "
+                f"{self.n_embd}; preprocess, encode, prune and projector are real")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    config: BenchConfig
+    llm: LlmInfo
+    rows: tuple[StageRow, ...]
+    skipped: tuple[str, ...] = ()  # strategies that could not run, with the reason
+    mtmd: Mapping[str, Any] | None = field(default=None)
