@@ -33,7 +33,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from export.diskspace import GB, clean_stale, tree_size
+from export.diskspace import clean_stale, remove_path
 from runtime.atomic import write_json_atomic
 from runtime.cli import log
 from runtime.errors import InputError
@@ -89,25 +89,33 @@ def bundle_update(out: Path, half: str) -> Iterator[BundleUpdate]:
         raise InputError(f"another export is writing {out} right now (it holds {out / LOCK}); "
                          "wait for it to finish, or use another --out") from None
     try:
-        remove_unreferenced(out, read_manifest(out))
+        current = read_manifest(out)
+        if current is None:  # unreadable: nothing can be told unused, so nothing is removed now
+            log(f"  note: {out / MANIFEST} is unreadable; old files are removed only once this export commits")
+        else:
+            remove_unreferenced(out, current)
         update = BundleUpdate(out, half, new_export_id())
         update.folder.mkdir()
         try:
             yield update
         finally:
-            if update.folder.name not in referenced_folders(read_manifest(out)):
+            if update.folder.name not in referenced_folders(read_manifest(out) or {}):
                 shutil.rmtree(update.folder, ignore_errors=True)
     finally:
         lock.release()
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
-    """``out/manifest.json`` as a dict ({} when absent or unreadable: nothing is referenced)."""
-    try:
-        data = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """``out/manifest.json`` as a dict: {} when there is none (nothing is referenced), None when
+    it exists but cannot be read as a JSON object (what it references is unknown)."""
+    path = out / MANIFEST
+    if not path.exists():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def referenced_names(manifest: dict[str, Any]) -> set[str]:
@@ -136,15 +144,8 @@ def remove_unreferenced(out: Path, manifest: dict[str, Any]) -> int:
     for path in sorted(out.iterdir()):
         kept = path.name in in_use
         ours = (_HALF_FOLDER.match(path.name) and path.is_dir()) or (_FLAT_FILES.match(path.name) and path.is_file())
-        if kept or not ours:
-            continue
-        size = tree_size(path)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        freed += size
-        log(f"  removed {path.name} ({size / GB:.2f} GB): no longer part of the bundle")
+        if not kept and ours:
+            freed += remove_path(path, "that is no longer part of the bundle")
     return freed
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from export.bundle_writer import BundleUpdate, bundle_update, read_manifest, stamp_onnx
+from export.bundle_writer import LOCK, BundleUpdate, bundle_update, read_manifest, stamp_onnx
 from runtime.bundle_check import file_sha256
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import InputError, UserError
@@ -40,7 +40,7 @@ class ExportResult:
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()) and not force:
         raise InputError(f"--out {out} exists and is not empty; pass --force to replace its export files")
 
 
@@ -121,7 +121,7 @@ def install_vision(update: BundleUpdate, manifest: dict[str, Any]) -> None:
     manifest.update(files=files, export_id=update.export_id,
                     sizes={name: (update.out / name).stat().st_size for name in files.values()},
                     sha256={name: file_sha256(update.out / name) for name in files.values()})
-    previous = read_manifest(update.out)
+    previous = read_manifest(update.out) or {}
     if isinstance(previous.get("llm"), dict):
         same = (previous.get("source") == manifest["source"]
                 and (previous.get("vision") or {}).get("projector_dim") == manifest["vision"]["projector_dim"])

@@ -64,14 +64,19 @@ def clean_stale(folder: Path) -> int:
         match = _PID_FILE.match(path.name) or _PID_TEMP.match(path.name) or _PID_STAGING.match(path.name)
         if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             continue
-        size = tree_size(path)
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        freed += size
-        log(f"  removed {path.name} ({size / GB:.2f} GB) left by a killed export (process {match.group(1)})")
+        freed += remove_path(path, f"left by a killed export (process {match.group(1)})")
     return freed
+
+
+def remove_path(path: Path, why: str) -> int:
+    """Delete a file or a folder tree, logging ``removed NAME (SIZE) WHY``; the bytes freed."""
+    size = tree_size(path)
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    log(f"  removed {path.name} ({size / GB:.2f} GB) {why}")
+    return size
 
 
 def tree_size(path: Path) -> int:

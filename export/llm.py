@@ -8,6 +8,9 @@ with our own converter (:mod:`export.gguf_llama`) to f32/f16, builds ``probe.ggu
 ``probe_weights.npz`` from that file (so the probe stays f32/f16: f32 when ``--quant f32``, else
 f16), quantises with ``llama_model_quantize`` and records everything under ``manifest["llm"]``.
 ``--gguf PATH`` registers an existing llama GGUF instead (its probe is cut from it as stored).
+Everything is written into the bundle's ``llm.<export_id>/`` folder and committed by replacing the
+manifest (all or nothing: :mod:`export.bundle_writer`); a bundle that has a language model keeps
+it unless ``--force``.
 """
 
 from __future__ import annotations
@@ -226,11 +229,14 @@ def export_llm(
     with bundle_update(out, "llm") as update:
         manifest = _load_manifest(out, model or "CHECKPOINT")  # as it is now that no one else writes
         p = _entropyprune_layer(alias, manifest)
+        existing = manifest.get("llm")
+        if isinstance(existing, dict) and not force:
+            raise InputError(f"{out} already has a language model ({existing.get('gguf')}); pass --force to replace it")
         if gguf_path is not None:
             target, probe, source = _register(Path(gguf_path).expanduser(), update, manifest, p)
         else:
-            target, probe = _convert_checked(model_dir, update, quant or _default_quant(model), p, force,
-                                             manifest, progress)
+            target, probe = _convert_checked(model_dir, update, quant or _default_quant(model), p, manifest,
+                                             progress)
             source = model
         facts = _gguf_facts(target)
         log("[3/3] validating in llama.cpp and writing the manifest")
@@ -252,19 +258,15 @@ def export_llm(
     return LlmExport(out, entry, table)
 
 
-def _convert_checked(model_dir: Path, update: BundleUpdate, quant: str, p: int, force: bool,
-                     manifest: dict[str, Any], progress: bool) -> tuple[Path, dict[str, Any]]:
-    """Refuse what cannot work before writing anything (type, width, P, overwrite, free disk)."""
+def _convert_checked(model_dir: Path, update: BundleUpdate, quant: str, p: int, manifest: dict[str, Any],
+                     progress: bool) -> tuple[Path, dict[str, Any]]:
+    """Refuse what cannot work before writing anything (type, width, P, free disk)."""
     if quant not in QUANTS:
         raise InputError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
     hp = read_hparams(model_dir)
     _check_width(hp.n_embd, manifest)
     if not 2 <= p <= hp.n_layer:
         raise InputError(f"entropyprune_layer P={p} must be in 2..{hp.n_layer} (the probe keeps P-1 >= 1 layers)")
-    existing = manifest.get("llm") if isinstance(manifest.get("llm"), dict) else {}
-    if existing and not force:
-        raise InputError(f"{update.out} already has a language model ({existing.get('gguf')}); "
-                         "pass --force to replace it")
     require_free(update.out, _disk_needs(model_dir, hp, quant, p), "free some space or pass --out on a larger disk")
     return _convert(model_dir, update, quant, p, progress)
 

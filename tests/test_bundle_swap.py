@@ -215,3 +215,17 @@ def test_prune_check_hashes_every_file(tiny_llm_bundle: Path, tmp_path: Path,
     assert "✗" in captured.out
     assert main(["--model", str(bundle)]) == 2  # no image and no --check
     assert "give an IMAGE" in capsys.readouterr().err
+
+
+def test_an_unreadable_manifest_removes_nothing_until_the_new_one_commits(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    old = tmp_path / "llm.20261203T000000Z-abcdef"
+    old.mkdir()
+    (old / "llm-q4_k_m.gguf").write_bytes(b"g" * 10)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with bundle_writer.bundle_update(tmp_path, "vision") as update:
+        assert old.is_dir()  # unknown whether the manifest names it: kept
+        (update.folder / "vision.onnx").write_bytes(b"v")
+        update.commit({"files": {"vision": update.name(update.folder / "vision.onnx")}})
+    assert "is unreadable" in capsys.readouterr().err
+    assert not old.exists() and (update.folder / "vision.onnx").is_file()  # the new manifest decides

@@ -293,7 +293,8 @@ def test_register_existing_gguf(
 
 
 @pytest.mark.llm
-@pytest.mark.parametrize("case", ["no-manifest", "unknown-alias", "missing-gguf", "width", "exists", "quant+gguf"])
+@pytest.mark.parametrize("case", ["no-manifest", "unknown-alias", "missing-gguf", "width", "exists",
+                                  "exists-gguf", "quant+gguf"])
 def test_cli_errors_exit_2_with_one_line(
     case: str, exported: Path, tiny_llava_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -319,6 +320,7 @@ def test_cli_errors_exit_2_with_one_line(
             "n_embd 64",
         ),
         "exists": (["--model", str(tiny_llava_dir), "--quant", "f32", "--out", str(exported)], "--force"),
+        "exists-gguf": (["--gguf", gguf_file, "--out", str(exported)], "already has a language model"),
         "quant+gguf": (["--model", str(tiny_llava_dir), "--quant", "f32", "--gguf", gguf_file], "does not apply"),
     }[case]
     assert main(args) == 2
