@@ -174,6 +174,7 @@ def load_manifest(bundle: str | Path) -> Manifest:
             export_id=_export_id(data.get("export_id")),
             llm=None if data.get("llm") is None else LlmInfo.from_json(data["llm"]), data=data,
         )
+        _check_preprocess(manifest)
         sizes = data["sizes"]
         for role, name in manifest.files.items():
             bundle_file(root, name, role, sizes.get(name), repair_command(data, root, "export.clip"))
@@ -182,6 +183,24 @@ def load_manifest(bundle: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise BundleError(f"{path} is incomplete or malformed ({type(err).__name__}: {err})") from None
     return manifest
+
+
+def _check_preprocess(manifest: Manifest) -> None:
+    """``preprocess`` must build a PreprocessConfig (known keys, sane constants) whose crop side is
+    the encoder's input side; TypeError/ValueError otherwise."""
+    from runtime.preprocess import PreprocessConfig
+
+    if not isinstance(manifest.preprocess, dict):
+        raise TypeError("preprocess must be an object")
+    try:
+        config = PreprocessConfig(**manifest.preprocess)
+    except TypeError as err:
+        raise TypeError(f"preprocess: {err}".replace("PreprocessConfig.__init__() ", "")) from None
+    except ValueError as err:
+        raise ValueError(f"preprocess.{err}") from None
+    if config.crop_size != manifest.vision.image_size:
+        raise ValueError(f"preprocess.crop_size {config.crop_size} is not the encoder's input side "
+                         f"vision.image_size {manifest.vision.image_size}")
 
 
 def _export_id(value: object) -> str:

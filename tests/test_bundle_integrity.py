@@ -73,6 +73,12 @@ def test_llm_gguf_outside_or_of_another_size_is_refused(tiny_llm_bundle: Path, t
     (lambda m: m["vision"].update(projector_dim="abc"), "projector_dim must be a positive integer"),
     (lambda m: m["vision"].update(num_patches=1000), "geometry does not add up"),
     (lambda m: m.update(llm="llm.gguf"), "llm must be an object"),
+    (lambda m: m.update(llm={"gguf": 3}), "llm: unknown fields|llm: missing fields"),
+    (lambda m: m["preprocess"].update(image_std=[0, 1, 1]), "preprocess.image_std must be > 0"),
+    (lambda m: m["preprocess"].update(bogus=1), "preprocess: got an unexpected keyword argument 'bogus'"),
+    (lambda m: m["preprocess"].update(crop_size=0), "preprocess.crop_size must be an integer >= 1"),
+    (lambda m: m["preprocess"].update(crop_size=300), "crop_size 300 is not the encoder's input side"),
+    (lambda m: m["preprocess"].update(image_mean=[2, 2, 2]), r"image_mean must lie in \[0, 1\]"),
 ])
 def test_malformed_manifest_fields_are_one_line(tiny_bundle: Path, tmp_path: Path, change, words: str) -> None:
     from runtime.manifest import load_manifest
@@ -130,3 +136,27 @@ def test_probe_files_outside_or_of_another_size_are_refused(tiny_llm_bundle: Pat
         with pytest.raises(BundleError, match=words):
             open_probe(bundle, edited)
     open_probe(bundle, manifest, n_ctx=64).close()
+
+
+@pytest.mark.llm
+@pytest.mark.parametrize(("change", "words"), [
+    ({"gguf": 3}, "llm.gguf must be a non-empty string, got 3"),
+    ({"probe": ["probe.gguf"]}, "llm.probe must be an object, got list"),
+    ({"registered": "no"}, "llm.registered must be true or false"),
+    ({"n_embd": -64}, "llm.n_embd must be an integer >= 0"),
+    ({"extra": 1}, r"llm: unknown fields \['extra'\]"),
+])
+def test_the_language_model_entry_is_typed(tiny_llm_bundle: Path, change: dict, words: str) -> None:
+    from runtime.llm_bundle import open_language_model
+    from runtime.manifest import load_manifest
+    from runtime.probe import open_probe
+
+    manifest = json.loads((tiny_llm_bundle / "manifest.json").read_text())
+    edited = dict(manifest, llm={**manifest["llm"], **change})
+    for opener in (open_language_model, open_probe):
+        with pytest.raises(BundleError, match=words + ".*python -m export.llm"):
+            opener(tiny_llm_bundle, edited)
+    without = {k: v for k, v in manifest["llm"].items() if k != "probe"}
+    with pytest.raises(BundleError, match=r"llm: missing fields \['probe'\]"):
+        open_language_model(tiny_llm_bundle, dict(manifest, llm=without))
+    assert load_manifest(tiny_llm_bundle).llm is not None  # the bundle itself was not touched

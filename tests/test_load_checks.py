@@ -225,6 +225,8 @@ def test_encoder_refuses_a_graph_of_another_geometry(tiny_bundle: Path, tmp_path
     changes, words = GEOMETRY[case]
     bundle = _copy(tiny_bundle, tmp_path)
     _edit_manifest(bundle, lambda m: m["vision"].update(changes))
+    if "image_size" in changes:  # the preprocessing agrees with the manifest: only the graph differs
+        _edit_manifest(bundle, lambda m: m["preprocess"].update(crop_size=changes["image_size"]))
     with pytest.raises(BundleError) as err:
         Pipeline(bundle)
     _one_line(err, "vision.onnx", words, "expected", "python -m export.clip")
