@@ -120,8 +120,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 def referenced_names(manifest: dict[str, Any]) -> set[str]:
     """Every bundle-relative file name the manifest refers to (both halves)."""
-    names = {v for v in (manifest.get("files") or {}).values() if isinstance(v, str)} \
-        if isinstance(manifest.get("files"), dict) else set()
+    files = manifest.get("files")
+    names = {v for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
     llm = manifest.get("llm")
     if isinstance(llm, dict):
         names.add(llm.get("gguf"))

@@ -42,28 +42,40 @@ class FileCheck:
         return self.recorded is not None and self.recorded == self.actual
 
 
-def expected_hashes(manifest: Manifest) -> list[tuple[str, str, str, int, str | None]]:
-    """``(name, role, exporter, size, sha256)`` of every file the manifest names."""
+@dataclass(frozen=True)
+class Recorded:
+    """What the manifest records of one file."""
+
+    name: str  # bundle-relative path
+    role: str
+    exporter: str  # export.clip or export.llm
+    size: int  # bytes
+    sha256: str | None  # None: not recorded
+
+
+def recorded_files(manifest: Manifest) -> list[Recorded]:
+    """Every file the manifest names, with its recorded size and sha256."""
     hashes = manifest.data.get("sha256") if isinstance(manifest.data.get("sha256"), dict) else {}
-    rows = [(name, role, "export.clip", manifest.data["sizes"][name], hashes.get(name))
+    rows = [Recorded(name, role, "export.clip", manifest.data["sizes"][name], hashes.get(name))
             for role, name in manifest.files.items()]
     llm = manifest.llm
     if llm is not None:
         probe = llm.probe
-        rows += [(llm.gguf, "llm", "export.llm", llm.size, llm.sha256),
-                 (probe.gguf, "probe", "export.llm", probe.size, probe.sha256),
-                 (probe.weights, "probe weights", "export.llm", probe.weights_size, probe.weights_sha256)]
+        rows += [Recorded(llm.gguf, "llm", "export.llm", llm.size, llm.sha256),
+                 Recorded(probe.gguf, "probe", "export.llm", probe.size, probe.sha256),
+                 Recorded(probe.weights, "probe weights", "export.llm", probe.weights_size, probe.weights_sha256)]
     return rows
 
 
 def check_bundle(manifest: Manifest) -> list[FileCheck]:
     """Hash every file of the bundle (progress on stderr); the per-file results."""
     checks = []
-    for name, role, exporter, size, recorded in expected_hashes(manifest):
-        path = bundle_file(manifest.root, name, role, size, repair_command(manifest.data, manifest.root, exporter))
-        log(f"  sha256 {name} ({size / 1e9:.2f} GB)")
-        checks.append(FileCheck(name, role, exporter, recorded if isinstance(recorded, str) else None,
-                                file_sha256(path)))
+    for r in recorded_files(manifest):
+        repair = repair_command(manifest.data, manifest.root, r.exporter)
+        path = bundle_file(manifest.root, r.name, r.role, r.size, repair)
+        log(f"  sha256 {r.name} ({r.size / 1e9:.2f} GB)")
+        recorded = r.sha256 if isinstance(r.sha256, str) else None
+        checks.append(FileCheck(r.name, r.role, r.exporter, recorded, file_sha256(path)))
     return checks
 
 
