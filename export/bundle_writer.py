@@ -1,8 +1,9 @@
 """All-or-nothing bundle updates: stage one half of a bundle in its own folder, then commit by
 replacing ``manifest.json``.
 
-A bundle has two halves, each written by one exporter: ``vision`` (export.clip) and ``llm``
-(export.llm). An update of one half
+A bundle has three halves, each written by one update: ``vision`` and ``text`` (export.clip; the
+text tower of cdpruner in an update of its own, so that ``--text-tower-only`` can add or replace it
+alone) and ``llm`` (export.llm). An update of one half
 
 1. takes the bundle's writer lock (``.export.lock``, held by the OS: released when the process
    dies, even by kill -9), so a second export into the same bundle is refused with one line;
@@ -40,8 +41,8 @@ from runtime.errors import InputError
 from runtime.manifest import EXPORT_ID_KEY, MANIFEST
 
 LOCK = ".export.lock"
-HALVES = ("vision", "llm")
-_HALF_FOLDER = re.compile(r"^(vision|llm)\.\d{8}T\d{6}Z-[0-9a-f]{6}$")
+HALVES = ("vision", "text", "llm")
+_HALF_FOLDER = re.compile(r"^(vision|text|llm)\.\d{8}T\d{6}Z-[0-9a-f]{6}$")
 # files of the flat layout written before export ids (schema 1); removed once nothing names them
 _FLAT_FILES = re.compile(r"^(vision(\.int8)?|projector)\.onnx.*$|"
                          r"^llm-[a-z0-9_]+\.gguf$|^probe\.gguf$|^probe_weights\.npz$")
@@ -57,7 +58,7 @@ class BundleUpdate:
     """One half being written: its export id and the staging folder inside the bundle."""
 
     out: Path  # the bundle directory
-    half: str  # "vision" or "llm"
+    half: str  # one of HALVES
     export_id: str
 
     @property
@@ -119,7 +120,7 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def referenced_names(manifest: dict[str, Any]) -> set[str]:
-    """Every bundle-relative file name the manifest refers to (both halves)."""
+    """Every bundle-relative file name the manifest refers to (every half)."""
     files = manifest.get("files")
     names = {v for v in files.values() if isinstance(v, str)} if isinstance(files, dict) else set()
     llm = manifest.get("llm")
@@ -128,6 +129,9 @@ def referenced_names(manifest: dict[str, Any]) -> set[str]:
         probe = llm.get("probe")
         if isinstance(probe, dict):
             names.update((probe.get("gguf"), probe.get("weights")))
+    text = manifest.get("text_tower")
+    if isinstance(text, dict) and isinstance(text.get("files"), dict):
+        names.update(text["files"].values())
     return {n for n in names if isinstance(n, str)}
 
 

@@ -4,6 +4,13 @@ Writes ``vision.onnx`` (features, [CLS]→patch attention rows of blocks 1..f, h
 block f; the graph ends at block f), ``projector.onnx`` and ``manifest.json`` (optionally
 ``vision.int8.onnx``) into the bundle's folder ``vision.<export_id>/``; ``manifest.json`` is
 replaced to name them only after validation passed (all or nothing: :mod:`export.bundle_writer`).
+
+Then, in a bundle update of its own, the text tower that ``cdpruner`` needs (:mod:`export.clip_text`:
+``text.<export_id>/`` with text.onnx, image_projection.onnx, tokenizer.json) from the CLIP checkpoint
+the vision tower came from: the registry's ``clip`` for an alias, ``CHECKPOINT/clip`` for a local
+checkpoint (skipped with a note when absent), or ``--text-tower ID|PATH``. A failed text tower (say,
+the hub is unreachable) leaves the committed vision export as it is and names the ``--text-tower-only``
+command that adds the text tower alone; ``--no-text-tower`` skips it.
 """
 
 from __future__ import annotations
@@ -26,15 +33,13 @@ MIN_OPSET, MAX_OPSET = 18, 23
 STEPS = 5
 
 
-class ValidationFailed(UserError):
-    """An exported graph disagrees with PyTorch beyond tolerance."""
-
-
 @dataclass(frozen=True)
 class ExportResult:
     out: Path
     manifest: dict[str, Any]
     table: str
+    text: Any = None  # export.clip_text.TextExport, or None when no text tower was exported
+    text_error: str | None = None  # why the text tower failed after the vision half was committed
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -45,13 +50,17 @@ def _check_out(out: Path, force: bool) -> None:
 
 
 def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET, int8: bool = False,
-                validate: bool = True, force: bool = False) -> ExportResult:
-    """Export, validate and write the bundle; returns where it went and what it says.
+                validate: bool = True, force: bool = False, text_tower: str | None = None,
+                no_text_tower: bool = False) -> ExportResult:
+    """Export, validate and write the bundle, then its text tower (``text_tower``: the CLIP checkpoint,
+    default as in the module doc; ``int8`` applies to both); returns where it went and what it says.
 
     Memory: only the vision tower and projector are ever loaded (never the language model),
     in a child process that exits before onnxruntime validates and int8 quantisation runs, so
-    the peak is the larger of the two halves, not their sum.
+    the peak is the larger of the two halves, not their sum. The text tower comes after, in this
+    process (CLIP-L: 1.7 GB in float32, released before its graphs are validated).
     """
+    from export.clip_source import text_source, vision_fingerprint
     from export.diskspace import clean_stale
     from export.load import read_json, resolve_model
 
@@ -64,12 +73,45 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
             "only transformers' own CLIP and LLaVA classes are used")
     out = out or default_bundle_dir(resolved.spec.alias)
     _check_out(out, force)
+    source = None if no_text_tower else text_source(model, resolved.spec.clip, resolved.path, text_tower)
     log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
     clean_stale(out.parent)  # staging folders that killed exports of older versions left beside the bundle
     with bundle_update(out, "vision") as update:
         manifest, table = _build(resolved, update.folder, opset, int8, validate)
+        manifest["vision_sha256"] = vision_fingerprint(resolved.path)
         install_vision(update, manifest)
-    return ExportResult(out, manifest, table)
+    if source is None:
+        return ExportResult(out, manifest, table)
+    from export.clip_text import export_text_tower
+
+    try:
+        text = export_text_tower(resolved, out, source, opset, int8, validate, force=True)
+    except UserError as err:
+        retry = (f"python -m export.clip --model {model} --out {out} --text-tower-only"
+                 + f" --text-tower {text_tower}" * (text_tower is not None) + " --int8" * int8)
+        return ExportResult(out, manifest, table, text_error=f"the vision half of {out} is written, but its text "
+                            f"tower (cdpruner) is not: {err}; add it later with: {retry}")
+    return ExportResult(out, read_manifest(out) or manifest, table, text=text)
+
+
+def export_text_only(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET, int8: bool = False,
+                     validate: bool = True, force: bool = False, text_tower: str | None = None) -> Any:
+    """``--text-tower-only``: add (``force``: replace) the text tower of an existing bundle of ``model``,
+    leaving its vision and language-model files as they are; the ``TextExport``. ``model`` is read
+    too (its vision tensors only, from the hub cache for an alias): the CLIP checkpoint's vision
+    weights are checked against them."""
+    from export.clip_source import text_source
+    from export.clip_text import export_text_tower
+    from export.load import resolve_model
+
+    log(f"resolving {model}")
+    resolved = resolve_model(model)
+    out = out or default_bundle_dir(resolved.spec.alias)
+    source = text_source(model, resolved.spec.clip, resolved.path, text_tower)
+    if source is None:
+        raise InputError(f"no CLIP checkpoint known for {model}; pass --text-tower ID|PATH (the CLIP checkpoint "
+                         "its vision tower came from, e.g. openai/clip-vit-large-patch14-336)")
+    return export_text_tower(resolved, out, source, opset, int8, validate, force)
 
 
 def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
@@ -77,7 +119,7 @@ def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> t
     from export.manifest import build_manifest, graph_io
     from export.onnx_export import quantize_int8
     from export.torch_stage import run_in_child
-    from export.validate import check_graphs, format_table, int8_report
+    from export.validate import check_graphs, checked_table, int8_report
 
     traced = run_in_child(resolved.path, staging, opset, validate, STEPS)
     vc = traced.config.vision_config
@@ -90,12 +132,8 @@ def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> t
     if validate:
         log(f"[4/{STEPS}] validating onnxruntime against PyTorch")
         checks = check_graphs(traced.references, staging / "vision.onnx", staging / "projector.onnx", vc.image_size)
-        table = format_table(checks)
         validation["checks"] = [c.to_json() for c in checks]
-        if not all(c.ok for c in checks):
-            print(table)
-            failed = sorted({f"{c.graph}.{c.output}" for c in checks if not c.ok})
-            raise ValidationFailed(f"validation failed for {', '.join(failed)}; nothing was written")
+        table = checked_table(checks)
     else:
         log(f"[4/{STEPS}] validation skipped (--no-validate)")
     if int8:
@@ -122,6 +160,7 @@ def install_vision(update: BundleUpdate, manifest: dict[str, Any]) -> None:
                     sizes={name: (update.out / name).stat().st_size for name in files.values()},
                     sha256={name: file_sha256(update.out / name) for name in files.values()})
     previous = read_manifest(update.out) or {}
+    _keep_text_tower(previous, manifest, update.out)
     if isinstance(previous.get("llm"), dict):
         same = (previous.get("source") == manifest["source"]
                 and (previous.get("vision") or {}).get("projector_dim") == manifest["vision"]["projector_dim"])
@@ -133,6 +172,20 @@ def install_vision(update: BundleUpdate, manifest: dict[str, Any]) -> None:
     update.commit(manifest)
 
 
+def _keep_text_tower(previous: dict[str, Any], manifest: dict[str, Any], out: Path) -> None:
+    """Carry the bundle's text tower into the new vision manifest when it was checked against the same
+    vision weights (``vision_sha256``); otherwise it is dropped, with a note."""
+    text = previous.get("text_tower")
+    if not isinstance(text, dict):
+        return
+    fingerprint = manifest.get("vision_sha256")
+    if fingerprint is not None and text.get("vision_sha256") == fingerprint:
+        manifest["text_tower"] = text
+    else:
+        log("  note: the bundle's text tower (cdpruner) belongs to other vision weights; it is removed (add one: "
+            f"python -m export.clip --model {manifest['source']['model']} --out {out} --text-tower-only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m export.clip", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -142,26 +195,53 @@ def build_parser() -> argparse.ArgumentParser:
                              "~/.cache/entroprune/bundles/NAME; NAME = the alias or the checkpoint folder's name)")
     parser.add_argument("--opset", type=positive_int(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET,
                         help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default: {DEFAULT_OPSET})")
-    parser.add_argument("--int8", action="store_true", help="also write vision.int8.onnx (default: off)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write vision.int8.onnx and text.int8.onnx (default: off)")
     parser.add_argument("--no-validate", dest="validate", action="store_false",
                         help="skip the onnxruntime-vs-PyTorch validation (default: validate)")
-    parser.add_argument("--force", action="store_true", help="replace the export files in a non-empty --out")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the export files in a non-empty --out (with --text-tower-only: its text tower)")
+    text = parser.add_argument_group("text tower (the CLIP text side of the cdpruner strategy)")
+    text.add_argument("--text-tower", default=None, metavar="ID|PATH",
+                      help="CLIP checkpoint the vision tower came from, hub id or directory (default: the "
+                           "registry's for an alias, e.g. openai/clip-vit-large-patch14-336; CHECKPOINT/clip for "
+                           "a local checkpoint, skipped when absent)")
+    text.add_argument("--no-text-tower", action="store_true",
+                      help="export no text tower (cdpruner unavailable; default: export it)")
+    text.add_argument("--text-tower-only", action="store_true",
+                      help="export only the text tower into the existing bundle --out; its vision and language "
+                           "model files are kept as they are (default: off)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_text_tower and (args.text_tower is not None or args.text_tower_only):
+        parser.error("--no-text-tower does not go with --text-tower or --text-tower-only")
 
     def body() -> int:
-        result = export_clip(args.model, args.out, args.opset, args.int8, args.validate, args.force)
+        if args.text_tower_only:
+            text = export_text_only(args.model, args.out, args.opset, args.int8, args.validate, args.force,
+                                    args.text_tower)
+            if text.table:
+                print(text.table)
+            print(f"text tower written to {text.out} (from {text.entry['source']})")
+            return 0
+        result = export_clip(args.model, args.out, args.opset, args.int8, args.validate, args.force,
+                             args.text_tower, args.no_text_tower)
         if result.table:
             print(result.table)
+        if result.text is not None and result.text.table:
+            print(result.text.table)
         int8 = result.manifest["validation"].get("int8")
         if int8:
             print(f"int8: feature cosine {int8['feature_cosine']:.4f}, "
                   f"top-{int8['top_k']} CLS overlap {int8['cls_topk_overlap']}/{int8['top_k']}")
         name = f" (use --model {result.out.name})" if result.out.parent == bundles_home() else ""
         print(f"bundle written to {result.out}{name}")
+        if result.text_error is not None:
+            raise UserError(result.text_error)
         return 0
 
     return run_cli(body, "export.clip")

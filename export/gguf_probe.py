@@ -1,4 +1,4 @@
-"""The EntropyPrune probe (method.md §2): the first P-1 decoder layers of a LLaMA GGUF.
+"""The language-model probes (method.md §2, §7): the first decoder layers of a LLaMA GGUF.
 
 ``probe.gguf`` copies a full GGUF's metadata and tokenizer, keeps blocks ``0..P-2`` and
 ``token_embd``, and uses block ``P-1``'s ``attn_norm.weight`` as ``output_norm.weight``. With
@@ -7,6 +7,7 @@ layer P-1's attention. It has no ``output.weight``, so llama.cpp ties the (unuse
 ``token_embd``. Tensors are copied byte for byte, so the probe has the dtype of its source (the
 exporter builds it from the f32/f16 intermediate, before quantisation). ``probe_weights.npz``
 holds ``W_q``/``W_k`` of layer P-1 in Hugging Face row layout (un-permuted), float32.
+``probe_final.gguf`` keeps blocks ``0..P-1`` with the model's own final norm: DART's ``H``.
 """
 
 from __future__ import annotations
@@ -53,22 +54,37 @@ def _check_arch(reader: gguf.GGUFReader) -> None:
 def write_probe_gguf(src: Path, out: Path, layer: int, export_id: str) -> None:
     """Write blocks ``0..layer-1`` of ``src`` with ``blk.{layer}.attn_norm`` as output_norm, and
     ``export_id`` under ``runtime.manifest.EXPORT_ID_KEY`` (whatever id ``src`` carries)."""
+    _write_cut(src, out, layer, f"blk.{layer}.attn_norm.weight", export_id)
+
+
+def write_final_probe_gguf(src: Path, out: Path, layers: int, export_id: str) -> None:
+    """Write blocks ``0..layers-1`` of ``src`` with the model's own ``output_norm``: llama.cpp's
+    embeddings output is then ``norm(h_layers)``, DART's ``H`` at ``P = layers`` (method.md §7)."""
+    _write_cut(src, out, layers, "output_norm.weight", export_id)
+
+
+def _write_cut(src: Path, out: Path, blocks: int, norm: str, export_id: str) -> None:
+    """Blocks ``0..blocks-1`` and ``token_embd`` of ``src`` (bytes as stored), tensor ``norm`` as
+    ``output_norm.weight``, the source's metadata with the block count and export id replaced."""
     reader = gguf.GGUFReader(src)
     _check_arch(reader)
     block_count = f"{ARCH}.block_count"
     n_layer = _int_field(reader, block_count)
-    if not 1 <= layer < n_layer:
+    most = n_layer if norm == "output_norm.weight" else n_layer - 1  # block `blocks` must exist for its norm
+    if not 1 <= blocks <= most:
         raise BundleError(
-            f"probe layer P-1={layer} must be in 1..{n_layer - 1} for {src} "
+            f"a probe of {blocks} blocks must keep 1..{most} of the {n_layer} blocks of {src} "
             "(llama.cpp cannot load a GGUF with 0 blocks, so P=1 has no probe)"
         )
     tensors = {t.name: t for t in reader.tensors}
+    if norm not in tensors:
+        raise BundleError(f"{src} has no tensor {norm}")
     keep = [
         t
         for t in reader.tensors
-        if t.name == "token_embd.weight" or (t.name.startswith("blk.") and int(t.name.split(".")[1]) < layer)
+        if t.name == "token_embd.weight" or (t.name.startswith("blk.") and int(t.name.split(".")[1]) < blocks)
     ]
-    keep.append(tensors[f"blk.{layer}.attn_norm.weight"])
+    keep.append(tensors[norm])
     names = [t.name for t in keep[:-1]] + ["output_norm.weight"]
 
     with atomic_path(out) as tmp:
@@ -78,7 +94,7 @@ def write_probe_gguf(src: Path, out: Path, layer: int, export_id: str) -> None:
                 continue
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(key, _field_value(field), field.types[0], sub_type=sub)
-        writer.add_block_count(layer)
+        writer.add_block_count(blocks)
         writer.add_string(EXPORT_ID_KEY, export_id)
         for name, tensor in zip(names, keep, strict=True):
             writer.add_tensor_info(

@@ -5,7 +5,8 @@
 
 Runs after ``export.clip`` (which writes ``DIR/manifest.json``): converts the checkpoint's LLaMA
 with our own converter (:mod:`export.gguf_llama`) to f32/f16, builds ``probe.gguf`` and
-``probe_weights.npz`` from that file (so the probe stays f32/f16: f32 when ``--quant f32``, else
+``probe_weights.npz`` (EntropyPrune, FastV, DART's keys) and ``probe_final.gguf`` (DART's ``H``)
+from that file (so the probes stay f32/f16: f32 when ``--quant f32``, else
 f16), quantises with ``llama_model_quantize`` and records everything under ``manifest["llm"]``.
 ``--gguf PATH`` registers an existing llama GGUF instead (its probe is cut from it as stored).
 Everything is written into the bundle's ``llm.<export_id>/`` folder and committed by replacing the
@@ -28,7 +29,7 @@ import numpy as np
 from export.bundle_writer import BundleUpdate, bundle_update
 from export.diskspace import link_or_copy, require_free
 from export.gguf_llama import CheckpointTensors, LlamaHParams, read_hparams, tensor_plan, write_llama_gguf
-from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
+from export.gguf_probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
 from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
 from runtime.atomic import atomic_path
 from runtime.bundle_check import file_sha256
@@ -39,6 +40,7 @@ from runtime.manifest import SCHEMA
 from runtime.model_registry import default_bundle_dir, is_local_path, known_aliases, load_spec
 
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
+FINAL_PROBE_GGUF = "probe_final.gguf"  # blocks 0..P-1 + the final norm: DART's H (method.md §7)
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
 
 
@@ -102,10 +104,12 @@ def _gguf_facts(path: Path) -> dict[str, Any]:
 def _probe(src: Path, update: BundleUpdate, p: int) -> dict[str, Any]:
     """Write probe.gguf + probe_weights.npz cut from ``src`` at layer P-1 into the staging folder;
     their manifest entry."""
-    log(f"  probe: blocks 0..{p - 2}, output_norm = blk.{p - 1}.attn_norm")
+    log(f"  probe: blocks 0..{p - 2}, output_norm = blk.{p - 1}.attn_norm; final probe: blocks 0..{p - 1}")
     probe, weights = update.folder / PROBE_GGUF, update.folder / PROBE_WEIGHTS
+    final = update.folder / FINAL_PROBE_GGUF
     write_probe_gguf(src, probe, p - 1, update.export_id)
     save_probe_weights(weights, read_probe_weights(src, p - 1), update.export_id)
+    write_final_probe_gguf(src, final, p, update.export_id)
     return {
         "gguf": update.name(probe),
         "weights": update.name(weights),
@@ -116,6 +120,7 @@ def _probe(src: Path, update: BundleUpdate, p: int) -> dict[str, Any]:
         "weights_size": weights.stat().st_size,
         "sha256": file_sha256(probe),
         "weights_sha256": file_sha256(weights),
+        "final": {"gguf": update.name(final), "size": final.stat().st_size, "sha256": file_sha256(final)},
     }
 
 
@@ -130,6 +135,7 @@ def _disk_needs(model_dir: Path, hp: LlamaHParams, quant: str, p: int) -> dict[s
         needs = {"f16 intermediate": 2 * params, **needs}
     probe_bytes = 4 if quant == "f32" else 2
     needs["probe"] = int(probe_bytes * (embd + (p - 1) * per_layer))
+    needs["final probe"] = int(probe_bytes * (embd + p * per_layer))
     return needs
 
 
@@ -169,10 +175,11 @@ def _validate(llm: Path, probe: Path, n_embd: int) -> str:
         rows.append(("llm loads in llama.cpp", True, f"n_embd {backend.n_embd}, n_vocab {backend.n_vocab}"))
         rows.append(("llm n_embd = projector width", backend.n_embd == n_embd, str(n_embd)))
         ids = backend.tokenize("USER: hello ASSISTANT:")
-    with LlamaBackend(probe, n_ctx=64, embeddings=True, load="mmap", repack=False) as probe_backend:
-        probe_backend.eval_tokens(ids, output_all=True)
-        shape = probe_backend.hidden_states().shape
-        rows.append(("probe runs (hidden states)", shape == (len(ids), n_embd), str(shape)))
+    for name, path in (("probe", probe), ("final probe", probe.with_name(FINAL_PROBE_GGUF))):
+        with LlamaBackend(path, n_ctx=64, embeddings=True, load="mmap", repack=False) as probe_backend:
+            probe_backend.eval_tokens(ids, output_all=True)
+            shape = probe_backend.hidden_states().shape
+            rows.append((f"{name} runs (hidden states)", shape == (len(ids), n_embd), str(shape)))
     failed = [f"{name} ({value})" for name, ok, value in rows if not ok]
     if failed:
         raise BundleError(f"export validation failed: {'; '.join(failed)}")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from export.vision import vision_parts
+from runtime.errors import UserError
 
 # (atol, rtol): float32 graphs re-associate sums; 1e-4 absolute is the acceptance bound, the
 # relative part covers CLIP's few large-magnitude activations in real checkpoints.
@@ -25,6 +26,9 @@ TOLERANCES = {
     "cls_attn": (1e-5, 1e-4),
     "keys": (1e-4, 1e-4),
     "embeddings": (1e-4, 1e-4),
+    # the text tower (export.clip_text): small graphs (12 blocks at most), so the 1e-5 bound is absolute
+    "text_embeds": (1e-5, 0.0),
+    "image_embeds": (1e-5, 0.0),
 }
 # The int8 vision graph is flagged (manifest validation.int8.ok = false, one warning line on stderr)
 # below either bound; dynamic int8 measured 0.9996 / 63 of 64 on ViT-L/14-336, 0.9998 / 62 on the tiny model.
@@ -172,14 +176,29 @@ def check_graphs(references: dict[str, dict[str, np.ndarray]], vision_path: Path
     return checks
 
 
+class ValidationFailed(UserError):
+    """An exported graph disagrees with PyTorch beyond tolerance."""
+
+
+def checked_table(checks: list[Check], what: str = "validation") -> str:
+    """The ✓/✗ table of ``checks``; when any failed, it is printed and ValidationFailed names the
+    failed outputs (``what`` starts the message: "validation failed for vision.features; ...")."""
+    table = format_table(checks)
+    if not all(c.ok for c in checks):
+        print(table)
+        failed = sorted({f"{c.graph}.{c.output}" for c in checks if not c.ok})
+        raise ValidationFailed(f"{what} failed for {', '.join(failed)}; nothing was written")
+    return table
+
+
 def format_table(checks: list[Check]) -> str:
     """The ✓/✗ table printed after export."""
-    lines = [f"{'':2}{'graph':10}{'input':12}{'output':12}{'shape':22}{'max |Δ|':>12}{'tolerance':>12}"]
+    lines = [f"{'':2}{'graph':11}{'input':15}{'output':14}{'shape':22}{'max |Δ|':>12}{'tolerance':>12}"]
     for c in checks:
         diff = "—" if c.max_abs_diff is None else f"{c.max_abs_diff:.2e}"
         shape = "x".join(map(str, c.actual_shape)) or "missing"
         mark = "✓" if c.ok else "✗"
-        lines.append(f"{mark:2}{c.graph:10}{c.case:12}{c.output:12}{shape:22}{diff:>12}{c.bound:>12.2e}")
+        lines.append(f"{mark:2}{c.graph:11}{c.case:15}{c.output:14}{shape:22}{diff:>12}{c.bound:>12.2e}")
     return "\n".join(lines)
 
 

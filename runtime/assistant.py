@@ -2,7 +2,8 @@
 
 ``Assistant.respond(question)`` streams the answer. The image is encoded once per image (the last
 few encodings are kept by pixel digest); it is pruned once per (strategy, budget, options, and the
-first question for the probe strategies) and the result cached. Each turn evaluates only what the
+question for the question-reading strategies: the first one asked about the image, or each
+one with ``Settings.reprune``) and the result cached. Each turn evaluates only what the
 KV cache does not already hold (:meth:`runtime.llm_context.LlamaContext.prefill`); earlier answers
 are fed back as the token ids the model generated.
 """
@@ -56,6 +57,7 @@ class Settings:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings (never emitted), besides "</s>"
+    reprune: bool = False  # question-dependent strategies: prune again for every question (else the first)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -128,6 +130,7 @@ class Assistant:
         self._options: dict[str, Mapping[str, Any]] = {}  # strategy -> its options, while another is used
         self._encoded: OrderedDict[str, EncoderOutput] = OrderedDict()  # pixel digest -> encoder output (LRU)
         self._pruned: tuple[tuple, PrunedImage] | None = None
+        self._repruned_ms: float | None = None  # set when this turn pruned the image again for its question
         self.last_stats: TurnStats | None = None
 
     @classmethod
@@ -221,6 +224,10 @@ class Assistant:
         prefill_start = time.perf_counter()
         done = self.llm.prefill(self._pieces(prompt, pruned))
         prefill_ms = 1000 * (time.perf_counter() - prefill_start)
+        if self._repruned_ms is not None:
+            self._add_notice(f"re-pruned the image for this question: {self._repruned_ms:.0f} ms of pruning, then "
+                             f"{done.evaluated} positions prefilled again in {prefill_ms:.0f} ms")
+            self._repruned_ms = None
         pieces, first, decode_start = [], None, time.perf_counter()
         s = self.settings
         try:
@@ -231,14 +238,16 @@ class Assistant:
         finally:  # also on Ctrl-C or a closed generator: keep what was said
             self.conversation = conversation.answered("".join(pieces).strip(), _answer_ids(self.llm.last_generation))
             if self.llm.finish_reason == "context":
-                cut = (f"the answer stopped at the context limit ({self.llm.n_ctx} positions); "
-                       "/reset or a larger --n-ctx makes room")
-                self.notice = f"{self.notice}; {cut}" if self.notice else cut
+                self._add_notice(f"the answer stopped at the context limit ({self.llm.n_ctx} positions); "
+                                 "/reset or a larger --n-ctx makes room")
             end = time.perf_counter()
             self.last_stats = TurnStats(
                 vision_ms, prefill_ms, done.evaluated, 1000 * ((first or end) - start), 1000 * (end - decode_start),
                 len(pieces), pruned.tokens if pruned else 0, pruned.num_patches if pruned else 0, done.reused,
             )
+
+    def _add_notice(self, text: str) -> None:
+        self.notice = f"{self.notice}; {text}" if self.notice else text
 
     def _pieces(self, prompt: PromptTokens, pruned: PrunedImage | None) -> list[PromptPiece]:
         """Token ids and image rows in order; the rows are keyed by image digest and prune settings."""
@@ -262,7 +271,7 @@ class Assistant:
             conversation = Conversation(conversation.turns[1:], conversation.has_image)
             dropped += 1
         if dropped:
-            self.notice = f"dropped the {dropped} oldest turn(s) to fit the {self.llm.n_ctx}-position context"
+            self._add_notice(f"dropped the {dropped} oldest turn(s) to fit the {self.llm.n_ctx}-position context")
         return conversation, prompt
 
     def _prune(self, conversation: Conversation) -> tuple[PrunedImage | None, dict[str, float]]:
@@ -270,17 +279,21 @@ class Assistant:
         if self._image is None:
             return None, {}
         s = self.settings
-        first = Conversation((conversation.turns[0],), has_image=True)  # the probe sees the first question
-        needs_probe = get_strategy(s.strategy).needs_probe  # only the probe strategies read the question
-        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), first.turns[0].question if needs_probe else "")
+        strategy = get_strategy(s.strategy)
+        # the question the image is pruned for: the first one asked about it, or with reprune the current one
+        question = conversation.turns[-1 if s.reprune else 0].question
+        reads_question = strategy.needs_probe or strategy.needs_question
+        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), question if reads_question else "")
         if self._pruned is not None and self._pruned[0] == key:
             return self._pruned[1], {}
         encoded, vision_ms = self._image
         probe = None
-        if needs_probe:
-            probe_tokens = encode_prompt(conversation_segments(first, self.template), self.llm)
-            probe = self._bound_probe(probe_tokens)
-        pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, **s.options)
+        if strategy.needs_probe:  # the probe sees a one-turn prompt with that question
+            alone = Conversation((Turn(question),), has_image=True)
+            probe = self._bound_probe(encode_prompt(conversation_segments(alone, self.template), self.llm))
+        pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, question, **s.options)
+        if self._pruned is not None and reads_question and self._pruned[0][:3] == key[:3]:
+            self._repruned_ms = sum(v for k, v in pruned.timings_ms.items() if k != "project")
         self._pruned = (key, pruned)
         self._image = (encoded, {})  # encoding is paid once per image
         return pruned, {**vision_ms, **pruned.timings_ms}

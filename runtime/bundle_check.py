@@ -16,6 +16,7 @@ from runtime.errors import BundleError
 from runtime.manifest import Manifest, bundle_file, repair_command
 
 CHUNK = 1 << 20
+TEXT_EXPORTER = "export.clip --text-tower-only"  # rewrites the text tower alone
 
 
 def file_sha256(path: Path) -> str:
@@ -48,7 +49,7 @@ class Recorded:
 
     name: str  # bundle-relative path
     role: str
-    exporter: str  # export.clip or export.llm
+    exporter: str  # the command that rewrites it: export.clip, export.llm or TEXT_EXPORTER
     size: int  # bytes
     sha256: str | None  # None: not recorded
 
@@ -64,6 +65,12 @@ def recorded_files(manifest: Manifest) -> list[Recorded]:
         rows += [Recorded(llm.gguf, "llm", "export.llm", llm.size, llm.sha256),
                  Recorded(probe.gguf, "probe", "export.llm", probe.size, probe.sha256),
                  Recorded(probe.weights, "probe weights", "export.llm", probe.weights_size, probe.weights_sha256)]
+        if probe.final is not None:
+            rows.append(Recorded(probe.final.gguf, "final probe", "export.llm", probe.final.size, probe.final.sha256))
+    text = manifest.text_tower
+    if text is not None:  # rewritten alone by export.clip --text-tower-only
+        rows += [Recorded(name, f"text tower {role}", TEXT_EXPORTER, text.sizes[name], text.sha256[name])
+                 for role, name in text.files.items()]
     return rows
 
 

@@ -18,12 +18,13 @@ from runtime.llm import DEFAULT_N_CTX, KV_TYPES, set_llama_logging
 from runtime.model_registry import bundle_path
 from runtime.prune import add_pipeline_arguments, method_options
 
-REPL_SETTINGS = ("tokens", "strategy")  # settings the REPL changes with /tokens, /strategy
+REPL_SETTINGS = ("tokens", "strategy", "reprune")  # settings the REPL changes with /tokens, /strategy, /reprune
 
 HELP = """commands:
   /image PATH      chat about another image (starts a new conversation)
   /tokens K        keep K visual tokens from the next answer on
   /strategy NAME   pruning strategy from the next answer on
+  /reprune on|off  question-aware strategies: prune again for every question (off: the first one)
   /reset           forget the conversation, keep the image
   /stats           timings of the last answer
   /help            this text
@@ -80,6 +81,11 @@ def _command(backend: ChatBackend, line: str, out: TextIO) -> bool:
     elif name == "/strategy" and arg:
         backend.update(strategy=arg)
         out.write(f"strategy: {arg}\n")
+    elif name == "/reprune" and arg in ("on", "off"):
+        backend.update(reprune=arg == "on")
+        out.write(f"reprune: {arg}\n")
+    elif name == "/reprune":
+        raise UserError(f"/reprune takes on or off, got {arg!r}" if arg else "/reprune needs on or off")
     elif name in ("/image", "/tokens", "/strategy"):
         raise UserError(f"{name} needs an argument (see /help)")
     else:
@@ -180,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-gpu-layers", type=positive_int(0, 1000), default=0,
                         help="layers llama.cpp offloads to a GPU; needs llama-cpp-python built with CUDA or "
                              "Metal (see README) (default: 0, CPU only)")
+    parser.add_argument("--reprune", action="store_true",
+                        help="question-aware strategies (cdpruner, dart) and the probe strategies: prune the image "
+                             "again for every question, re-prefilling its rows (default: off, pruned once with the "
+                             "first question; REPL: /reprune on)")
     parser.add_argument("--timings", action="store_true", help="print per-stage timings to stderr after answers")
     parser.add_argument("--verbose", action="store_true",
                         help="show llama.cpp's log: buffer sizes of the weights, KV cache and compute (default: off)")
@@ -194,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(args.image) if args.image else None  # bad image: fail before loading models
         options = {k: v for k, v in method_options(args).items() if v is not None}
         settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature,
-                            args.top_p, args.seed)
+                            args.top_p, args.seed, reprune=args.reprune)
         set_llama_logging(args.verbose)
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)

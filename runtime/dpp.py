@@ -6,6 +6,9 @@ float32 kernel. Kept indices come back int64, sorted ascending. Choices where §
 - Zero rows: every norm is clipped at ``NORM_FLOOR`` before a cosine (as DivPrune does), so a
   zero row has cosine 0 with everything; a zero projected row gets ``L_ii = 0`` and is never a
   DPP pick, only a fill.
+- The diagonal is computed like every other cosine (``S_ii = 1 ± 1e-7``), so exact duplicate rows
+  keep gain 0 once one of them is picked. The price: with flat relevance (``relevance_weight = 0``,
+  r = 1) every first gain is 1 up to round-off, and the first pick follows round-off.
 - Non-finite inputs (NaN, inf) are rejected with ValueError: they would make every argmax
   meaningless.
 - Ties (exact floating-point equality) go to the smaller index, in the greedy loop and in the fill.
@@ -107,11 +110,19 @@ def dpp_indices(kernel: np.ndarray, relevance: np.ndarray, budget: int) -> np.nd
     relevance (smaller index on ties).
     Example: [[1, 1.2, 0], [1.2, 4, 1.6], [0, 1.6, 1]], r = [1, 2, 1], K = 2 -> [0, 1].
     """
-    picks = greedy_map(kernel, budget)
+    return fill_by_relevance(greedy_map(kernel, budget), relevance, budget)
+
+
+def fill_by_relevance(picks: np.ndarray, relevance: np.ndarray, budget: int) -> np.ndarray:
+    """``picks [k <= K]`` plus the ``K − k`` unpicked tokens of highest ``relevance [N]`` (smaller
+    index on ties): K distinct int64 indices, ascending.
+
+    Example: picks [1], r = [3, 0, 3], K = 2 -> [0, 1].
+    """
     r = np.asarray(relevance, dtype=np.float32)
-    n = np.shape(kernel)[0]
-    if r.shape != (n,):
-        raise ValueError(f"relevance must be [N={n}] like the kernel, got shape {r.shape}")
+    n = r.shape[0]
+    if r.ndim != 1 or not 0 <= picks.shape[0] <= int(budget) <= n:
+        raise ValueError(f"need relevance [N], picks [k <= K <= N]; got {r.shape}, {picks.shape}, K={budget}")
     taken = np.zeros(n, dtype=bool)
     taken[picks] = True
     rest = np.flatnonzero(~taken)  # ascending, so the fill's ties still go to the smaller index

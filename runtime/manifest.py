@@ -3,8 +3,9 @@
 The runtime reads only manifests of :data:`SCHEMA`; anything else is refused with one line.
 
 Layout (schema 2): each export writes its files into a folder of its own named after its
-export id — ``vision.<id>/`` (export.clip: vision.onnx, projector.onnx, vision.int8.onnx) and
-``llm.<id>/`` (export.llm: the GGUF, probe.gguf, probe_weights.npz) — and then replaces
+export id — ``vision.<id>/`` (export.clip: vision.onnx, projector.onnx, vision.int8.onnx),
+``text.<id>/`` (export.clip's text tower for cdpruner: text.onnx, image_projection.onnx,
+tokenizer.json) and ``llm.<id>/`` (export.llm: the GGUF, probe.gguf, probe_weights.npz) — and then replaces
 ``manifest.json``, which names them. The manifest is the bundle's only commit point, so a
 reader sees the old bundle or the new one, never a mix (see :mod:`export.bundle_writer`). Every
 file carries its export id in its own metadata (ONNX ``metadata_props``, a GGUF key, an npz
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +56,21 @@ class VisionInfo:
 
 
 def _typed(cls: type, data: object, where: str, **nested: Callable[[object], Any]) -> Any:
-    """``cls(**data)`` after checking that ``data`` has exactly ``cls``'s fields, each of its declared
-    type (``int``: an integer >= 0, never a boolean; ``str``: non-empty). Fields in ``nested`` are
-    parsed by their function instead. Raises TypeError naming the field."""
+    """``cls(**data)`` after checking that ``data`` has exactly ``cls``'s fields (those with a default
+    may be absent: entries older exports wrote), each of its declared type (``int``: an integer >= 0,
+    never a boolean; ``str``: non-empty). Fields in ``nested`` are parsed by their function instead.
+    Raises TypeError naming the field."""
     if not isinstance(data, dict):
         raise TypeError(f"{where} must be an object, got {type(data).__name__}")
     kinds = {f.name: f.type for f in fields(cls)}
-    unknown, missing = sorted(set(data) - set(kinds)), sorted(set(kinds) - set(data))
+    optional = {f.name for f in fields(cls) if f.default is not MISSING}
+    unknown, missing = sorted(set(data) - set(kinds)), sorted(set(kinds) - set(data) - optional)
     if unknown or missing:
         raise TypeError(f"{where}: unknown fields {unknown}" if unknown else f"{where}: missing fields {missing}")
     values = {}
     for name, kind in kinds.items():
+        if name not in data:
+            continue
         value = data[name]
         if name in nested:
             values[name] = nested[name](value)
@@ -80,8 +85,18 @@ _CHECKS: dict[str, Callable[[object], bool]] = {
     "int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
     "str": lambda v: isinstance(v, str) and bool(v),
     "bool": lambda v: isinstance(v, bool),
+    "any": lambda v: True,
 }
-_WANTED = {"int": "an integer >= 0", "str": "a non-empty string", "bool": "true or false"}
+_WANTED = {"int": "an integer >= 0", "str": "a non-empty string", "bool": "true or false", "any": "any value"}
+
+
+@dataclass(frozen=True)
+class FinalProbeInfo:
+    """``manifest["llm"]["probe"]["final"]``: blocks 0..P-1 with the model's final norm (DART's H)."""
+
+    gguf: str  # probe_final.gguf (bundle-relative path)
+    size: int  # bytes
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +112,7 @@ class ProbeInfo:
     weights_size: int  # bytes of weights
     sha256: str
     weights_sha256: str
+    final: FinalProbeInfo | None = None  # absent in bundles exported before DART (re-run export.llm)
 
     def __post_init__(self) -> None:
         if self.layer != self.entropyprune_layer - 1 or self.layer < 1:
@@ -122,7 +138,60 @@ class LlmInfo:
     @classmethod
     def from_json(cls, data: object) -> LlmInfo:
         """The typed entry; TypeError/ValueError name the first bad field."""
-        return _typed(cls, data, "llm", probe=lambda probe: _typed(ProbeInfo, probe, "llm.probe"))
+        def final(entry: object) -> FinalProbeInfo:
+            return _typed(FinalProbeInfo, entry, "llm.probe.final")
+
+        return _typed(cls, data, "llm", probe=lambda probe: _typed(ProbeInfo, probe, "llm.probe", final=final))
+
+
+TEXT_ROLES = ("text", "image_projection", "tokenizer")  # files every text tower has ("text_int8": --int8)
+
+
+def _mapping(where: str, kind: str) -> Callable[[object], dict[str, Any]]:
+    """Parser of a JSON object whose keys are non-empty strings and values of ``kind`` (see _CHECKS)."""
+    def parse(value: object) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be an object, got {type(value).__name__}")
+        for key, item in value.items():
+            if not _CHECKS["str"](key) or not _CHECKS[kind](item):
+                raise TypeError(f"{where}[{key!r}] must be {_WANTED[kind]}, got {item!r}")
+        return dict(value)
+
+    return parse
+
+
+@dataclass(frozen=True)
+class TextTowerInfo:
+    """``manifest["text_tower"]``: the CLIP text side of ``cdpruner`` (method.md §7) that
+    ``export.clip`` wrote into ``text.<export_id>/``; None in the Manifest when absent."""
+
+    source: str  # the CLIP checkpoint (hub id or local path) it was exported from
+    export_id: str  # carried by its ONNX graphs' metadata_props
+    files: dict[str, str]  # role (TEXT_ROLES, text_int8, external data) -> bundle-relative path
+    sizes: dict[str, int]  # bundle-relative path -> bytes
+    sha256: dict[str, str]  # bundle-relative path -> hex digest
+    max_positions: int  # the text tower's positions (77): the length of one question segment
+    projection_dim: int  # P: width of CLIP's joint space
+    hidden_size: int  # D: width of the vision features image_projection.onnx takes
+    pad_id: int  # right-padding id of question segments (method.md §7.3: 0)
+    vision_sha256: str  # the LLaVA vision weights the CLIP checkpoint's were checked equal to
+    validation: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        missing = [role for role in TEXT_ROLES if role not in self.files]
+        unrecorded = [n for n in self.files.values() if n not in self.sizes or n not in self.sha256]
+        if missing or unrecorded:
+            raise ValueError(f"text_tower.files lacks roles {missing}" if missing
+                             else f"text_tower records no size/sha256 of {unrecorded}")
+        if min(self.max_positions, self.projection_dim, self.hidden_size) < 1:
+            raise ValueError("text_tower.max_positions, projection_dim and hidden_size must be >= 1")
+
+    @classmethod
+    def from_json(cls, data: object) -> TextTowerInfo:
+        """The typed entry; TypeError/ValueError name the first bad field."""
+        return _typed(cls, data, "text_tower", files=_mapping("text_tower.files", "str"),
+                      sizes=_mapping("text_tower.sizes", "int"), sha256=_mapping("text_tower.sha256", "str"),
+                      validation=_mapping("text_tower.validation", "any"))
 
 
 @dataclass(frozen=True)
@@ -138,6 +207,7 @@ class Manifest:
     files: dict[str, str]  # role -> bundle-relative path (inside vision.<export_id>/)
     export_id: str  # export.clip's id, carried by every vision file's metadata
     llm: LlmInfo | None  # written by export.llm; None before it ran
+    text_tower: TextTowerInfo | None  # written by export.clip unless --no-text-tower; None when absent
     data: dict[str, Any]  # the whole JSON, for reporting
 
     def path(self, role: str) -> Path:
@@ -172,7 +242,9 @@ def load_manifest(bundle: str | Path) -> Manifest:
             entropyprune_layer=int(data["entropyprune_layer"]), chat_template=data["chat_template"],
             files={k: v for k, v in data["files"].items() if isinstance(v, str)},
             export_id=_export_id(data.get("export_id")),
-            llm=None if data.get("llm") is None else LlmInfo.from_json(data["llm"]), data=data,
+            llm=None if data.get("llm") is None else LlmInfo.from_json(data["llm"]),
+            text_tower=None if data.get("text_tower") is None else TextTowerInfo.from_json(data["text_tower"]),
+            data=data,
         )
         _check_preprocess(manifest)
         sizes = data["sizes"]
@@ -222,6 +294,12 @@ def source_model(data: dict[str, Any]) -> str:
     """The ``--model`` a bundle was exported from (``source.model``), or ``CHECKPOINT`` if unknown."""
     source = data.get("source", {}).get("model") if isinstance(data.get("source"), dict) else None
     return source if isinstance(source, str) and source else "CHECKPOINT"
+
+
+def text_tower_command(data: dict[str, Any], root: Path, force: bool = False) -> str:
+    """The command that (re)writes only a bundle's text tower: ``python -m export.clip --model M --out
+    ROOT --text-tower-only`` (``--force`` to replace an existing one)."""
+    return f"python -m export.clip --model {source_model(data)} --out {root} --text-tower-only" + " --force" * force
 
 
 def repair_command(data: dict[str, Any], root: Path, exporter: str) -> str:

@@ -58,12 +58,15 @@ class ModelSpec:
     pruning: PruningDefaults
     entropyprune_layer: int  # P: image tokens are cut before LLM layer P (method.md §2)
     gguf_quant: str = "q4_k_m"
+    clip: str | None = None  # hub id of the CLIP checkpoint the vision tower came from (cdpruner's text side)
 
     def __post_init__(self) -> None:
         if self.image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {self.image_mode!r}")
         if self.entropyprune_layer < 1:
             raise ValueError(f"entropyprune_layer must be >= 1, got {self.entropyprune_layer}")
+        if self.clip is not None and (not isinstance(self.clip, str) or not self.clip):
+            raise ValueError(f"clip must be a hub id or null, got {self.clip!r}")
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelSpec:
@@ -72,7 +75,7 @@ class ModelSpec:
             vision_feature_layer=int(data["vision_feature_layer"]), image_mode=data["image_mode"],
             chat_template=data["chat_template"], pruning=PruningDefaults.from_json(data["pruning"]),
             entropyprune_layer=int(data["entropyprune_layer"]),
-            gguf_quant=data.get("gguf", {}).get("quant", "q4_k_m"),
+            gguf_quant=data.get("gguf", {}).get("quant", "q4_k_m"), clip=data.get("clip"),
         )
 
 

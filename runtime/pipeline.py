@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from runtime.clip_text import ClipSpace, open_clip_space
 from runtime.encoder import Encoder
 from runtime.errors import InputError, SettingError
 from runtime.manifest import Manifest, load_manifest, repair_command
 from runtime.preprocess import PreprocessConfig, load_image, preprocess
 from runtime.projector import Projector
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
-from runtime.strategies.registry import get_strategy
+from runtime.strategies.registry import TEXT_TOWER, Strategy, get_strategy
 from runtime.types import EncoderOutput, ProbeOutput, PruneInputs, Selection
 
-ProbeFn = Callable[[np.ndarray], ProbeOutput]
+ProbeFn = Callable[..., ProbeOutput]  # (image rows [N, E], final=False) -> ProbeOutput
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Pipeline:
         checks = {"vision": geometry, "repair": repair, "export_id": self.manifest.export_id}
         self.encoder = Encoder(vision, provider, threads, **checks)
         self.projector = Projector(self.manifest.path("projector"), provider, threads, **checks)
+        self._clip_options = {"provider": provider, "threads": threads, "int8": int8}
+        self._clip: ClipSpace | None = None  # opened when a strategy first needs it
+
+    def clip_space(self) -> ClipSpace:
+        """The bundle's CLIP text tower and image projection (loaded on first use); a bundle
+        without them is a one-line error naming the command that adds them."""
+        if self._clip is None:
+            self._clip = open_clip_space(self.manifest, **self._clip_options)
+        return self._clip
 
     @property
     def num_patches(self) -> int:
@@ -100,31 +110,40 @@ class Pipeline:
         return preprocess(image, self.preprocess_config)
 
     def prune(self, image: Image.Image | str | Path, tokens: int = 64, strategy: str = "entropy",
-              probe: ProbeFn | None = None, **options: Any) -> PrunedImage:
+              probe: ProbeFn | None = None, question: str | None = None, **options: Any) -> PrunedImage:
         """Run every stage on one image; ``options`` are the strategy's keyword options."""
         timer = _Timer()
         with timer.stage("preprocess"):
             pixels = self.pixel_values(image)
         with timer.stage("encode"):
             encoded = self.encoder.encode(pixels)
-        return self.prune_encoded(encoded, tokens, strategy, probe, timer=timer, **options)
+        return self.prune_encoded(encoded, tokens, strategy, probe, question, timer=timer, **options)
 
     def prune_encoded(self, encoded: EncoderOutput, tokens: int, strategy: str = "entropy",
-                      probe: ProbeFn | None = None, timer: _Timer | None = None, **options: Any) -> PrunedImage:
-        """Prune and project an already encoded image."""
+                      probe: ProbeFn | None = None, question: str | None = None, timer: _Timer | None = None,
+                      **options: Any) -> PrunedImage:
+        """Prune and project an already encoded image.
+
+        ``question``: what the question-aware strategies (cdpruner, dart) prune for; they refuse to
+        run without one. A probe strategy reads the question from the prompt ``probe`` was bound to.
+        """
         timer = timer or _Timer()
         chosen = get_strategy(strategy)
         budget = self.check_budget(tokens if strategy != "none" else encoded.num_patches)
         opts = self.options_for(strategy, options)
+        require_question(chosen, question)
         if chosen.needs_probe and probe is None:
             raise InputError(f"strategy {strategy!r} needs the language-model probe: run "
                              f"python -m export.llm --model ALIAS --out {self.manifest.root}")
+        clip = self.clip_space() if TEXT_TOWER in chosen.needs else None
         inputs = PruneInputs(encoded, timer.wrap("project_all", self.projector),
-                             timer.wrap("probe", probe) if probe else None)
+                             timer.wrap("probe", probe) if probe else None, question,
+                             timer.wrap("text_tower", clip.text) if clip else None,
+                             timer.wrap("clip_image", clip.image) if clip else None)
         with timer.stage("prune"):
             selection = chosen.run(inputs, budget, opts)
         # nested stages ran inside "prune": report them separately, not twice
-        timer.ms["prune"] -= timer.ms.get("project_all", 0.0) + timer.ms.get("probe", 0.0)
+        timer.ms["prune"] -= sum(timer.ms.get(k, 0.0) for k in ("project_all", "probe", "text_tower", "clip_image"))
         with timer.stage("project"):
             embeddings = self.projector(selection.tokens)
         return PrunedImage(embeddings, selection.kept, selection.counts, strategy, encoded.num_patches,
@@ -136,6 +155,13 @@ class Pipeline:
             raise SettingError("tokens", f"must be in 1..{self.num_patches} (the image has {self.num_patches} "
                                          f"patches), got {tokens}")
         return tokens
+
+
+def require_question(strategy: Strategy, question: str | None) -> None:
+    """A one-line SettingError (field ``question``) when ``strategy`` prunes for a question and
+    ``question`` is missing or blank."""
+    if strategy.needs_question and (question is None or not question.strip()):
+        raise SettingError("question", f"is required by strategy {strategy.name!r}, which prunes for the question")
 
 
 def _with_curves(selection: Selection, encoded: EncoderOutput) -> dict[str, Any]:

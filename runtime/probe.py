@@ -26,7 +26,8 @@ from runtime.types import ProbeOutput
 
 DEFAULT_QUESTION = "Describe the image in detail."  # probe prompt when the caller has none (benchmarks)
 WEIGHT_KEYS = ("q_weight", "k_weight", "n_head", "n_head_kv", "rope_theta", "layer")
-PROBE_REPAIR = "re-run export.llm"  # when the caller knows no better (open_probe knows the model)
+PROBE_REPAIR = "re-run export.llm"
+FINAL_PROBE = "probe_final.gguf"  # when the caller knows no better (open_probe knows the model)
 # what np.load raises for a file that is not a readable .npz (pickled data: ValueError, never unpickled)
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -158,22 +159,32 @@ def _npz_reason(err: BaseException, pickled: str) -> str:
     return pickled if "pickle" in text.lower() else text[:200]
 
 
+def _hidden_states(backend: LlamaBackend, prefix_ids: Sequence[int], image_rows: np.ndarray,
+                   suffix_ids: Sequence[int]) -> np.ndarray:
+    """``[T, n_embd]`` embeddings output of ``prefix ids + image rows + suffix ids`` from position 0."""
+    if not backend.embeddings_mode:
+        raise ValueError("a probe needs a LlamaBackend opened with embeddings=True (the probe GGUF)")
+    backend.prefill([list(prefix_ids), ImageRows(object(), image_rows), list(suffix_ids)], output_all=True)
+    return backend.hidden_states()
+
+
 def run_probe(
     backend: LlamaBackend,
     weights: ProbeWeights,
     prefix_ids: Sequence[int],
     image_rows: np.ndarray,
     suffix_ids: Sequence[int],
+    final: LlamaBackend | None = None,
 ) -> ProbeOutput:
     """Probe ``prefix ids + image rows [N, n_embd] + suffix ids`` from position 0 (the backend
-    is reset first); hidden states of all ``T`` positions -> ProbeOutput."""
-    if not backend.embeddings_mode:
-        raise ValueError("run_probe needs a LlamaBackend opened with embeddings=True (the probe GGUF)")
+    is reset first); hidden states of all ``T`` positions -> ProbeOutput. With ``final`` (the
+    final-norm probe) the same sequence runs through it too, giving ``final_hidden``."""
     if weights.q_weight.shape[1] != backend.n_embd:
         raise BundleError(f"probe weights are {weights.q_weight.shape[1]} wide, the probe GGUF {backend.n_embd}")
-    backend.prefill([list(prefix_ids), ImageRows(object(), image_rows), list(suffix_ids)], output_all=True)
+    hidden = _hidden_states(backend, prefix_ids, image_rows, suffix_ids)
     return ProbeOutput(
-        hidden=backend.hidden_states(),
+        hidden=hidden,
+        final_hidden=None if final is None else _hidden_states(final, prefix_ids, image_rows, suffix_ids),
         image_start=len(prefix_ids),
         num_image=int(image_rows.shape[0]),
         q_weight=weights.q_weight,
@@ -186,24 +197,42 @@ def run_probe(
 
 
 class LlamaProbe:
-    """The probe GGUF in an embeddings-mode backend plus its weights; ``run`` -> ProbeOutput."""
+    """The probe GGUF in an embeddings-mode backend plus its weights; ``run`` -> ProbeOutput.
+
+    ``final_path`` is the final-norm probe (``probe_final.gguf``, DART's ``H``): opened on first
+    use only, so the strategies that never ask for it pay nothing; None for bundles exported
+    before it existed (asking for it is then a one-line BundleError naming ``repair``).
+    """
 
     def __init__(self, gguf_path: str | Path, weights_path: str | Path, *, repair: str = PROBE_REPAIR,
-                 **backend_options: Any) -> None:
+                 final_path: str | Path | None = None, **backend_options: Any) -> None:
         self.weights = load_probe_weights(weights_path, repair)
         self.backend = LlamaBackend(gguf_path, embeddings=True, **backend_options)
+        self._final_path, self._final, self._repair, self._options = final_path, None, repair, backend_options
 
-    def run(self, prefix_ids: Sequence[int], image_rows: np.ndarray, suffix_ids: Sequence[int]) -> ProbeOutput:
-        """See :func:`run_probe`."""
-        return run_probe(self.backend, self.weights, prefix_ids, image_rows, suffix_ids)
+    def run(self, prefix_ids: Sequence[int], image_rows: np.ndarray, suffix_ids: Sequence[int],
+            final: bool = False) -> ProbeOutput:
+        """See :func:`run_probe`; ``final`` also runs the final-norm probe."""
+        return run_probe(self.backend, self.weights, prefix_ids, image_rows, suffix_ids,
+                         self._final_backend() if final else None)
 
-    def bind(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> Callable[[np.ndarray], ProbeOutput]:
-        """A ``PruneInputs.probe`` callable: image rows [N, E] -> ProbeOutput for this prompt."""
+    def _final_backend(self) -> LlamaBackend:
+        if self._final is None:
+            if self._final_path is None:
+                raise BundleError(f"the bundle's language model has no final-norm probe ({FINAL_PROBE}), "
+                                  f"which dart needs; {self._repair}")
+            self._final = LlamaBackend(self._final_path, embeddings=True, **self._options)
+        return self._final
+
+    def bind(self, prefix_ids: Sequence[int], suffix_ids: Sequence[int]) -> Callable[..., ProbeOutput]:
+        """A ``PruneInputs.probe`` callable: ``(image rows [N, E], final=False)`` -> ProbeOutput."""
         prefix, suffix = list(prefix_ids), list(suffix_ids)
-        return lambda rows: self.run(prefix, rows, suffix)
+        return lambda rows, final=False: self.run(prefix, rows, suffix, final)
 
     def close(self) -> None:
         self.backend.close()
+        if self._final is not None:
+            self._final.close()
 
     def __enter__(self) -> LlamaProbe:
         return self
@@ -218,10 +247,12 @@ def open_probe(root: str | Path, manifest: dict[str, Any], **options: Any) -> Ll
     root = Path(root)
     llm = llm_info(root, manifest)
     probe = llm.probe
+    final = None if probe.final is None else checked_gguf(root, probe.final.gguf, "final probe", probe.final.size,
+                                                           llm.export_id, manifest)
     opened = LlamaProbe(checked_gguf(root, probe.gguf, "probe", probe.size, llm.export_id, manifest),
                         checked_npz(root, probe.weights, "probe weights", probe.weights_size, llm.export_id,
                                     manifest),
-                        repair=repair_command(manifest, root, "export.llm"), **options)
+                        repair=repair_command(manifest, root, "export.llm"), final_path=final, **options)
     if probe.layer != opened.weights.layer:
         opened.close()
         raise BundleError(f"{root / probe.weights} holds layer {opened.weights.layer} but the manifest "
@@ -232,7 +263,7 @@ def open_probe(root: str | Path, manifest: dict[str, Any], **options: Any) -> Ll
 
 def probe_from_manifest(
     manifest: Manifest, question: str = DEFAULT_QUESTION, **options: Any
-) -> Callable[[np.ndarray], ProbeOutput] | None:
+) -> Callable[..., ProbeOutput] | None:
     """A ``PruneInputs.probe`` callable for a one-question LLaVA prompt, or None when the bundle
     has no language model yet. The probe stays open as long as the callable lives."""
     if manifest.llm is None:

@@ -1,5 +1,5 @@
-"""What the probe's layer-P−1 states give the strategies: RoPE, per-head queries (EntropyPrune)
-and FastV's last-position attention scores.
+"""What the probe's layer-P−1 states give the strategies: RoPE, per-head queries (EntropyPrune),
+FastV's last-position attention scores and DART's keys.
 
 Pure NumPy, float64 throughout; the probe's arrays come in as float32 and scores go out float64.
 """
@@ -55,6 +55,19 @@ def probe_queries(probe: ProbeOutput) -> np.ndarray:
     return _heads(probe, rows, probe.q_weight, probe.n_head)
 
 
+def _rope_keys(probe: ProbeOutput) -> np.ndarray:
+    """Keys of layer P−1 at every position, RoPE at positions 0..T−1: ``[T, n_head_kv, d_head]`` float64."""
+    t = probe.hidden.shape[0]
+    return rope(_heads(probe, probe.hidden, probe.k_weight, probe.n_head_kv), np.arange(t), probe.rope_theta)
+
+
+def probe_keys(probe: ProbeOutput) -> np.ndarray:
+    """DART's keys (method.md §7): layer P−1's keys with RoPE, all heads concatenated per token,
+    ``[T, n_head_kv * d_head]`` float64 for every probed position (head-major, HF order)."""
+    k = _rope_keys(probe)
+    return k.reshape(k.shape[0], -1)
+
+
 def fastv_scores(probe: ProbeOutput) -> np.ndarray:
     """FastV scores ``[N]`` float64: head-mean attention of the last position to each image row.
 
@@ -68,11 +81,9 @@ def fastv_scores(probe: ProbeOutput) -> np.ndarray:
             f"n_head ({probe.n_head}) must be a multiple of n_head_kv ({probe.n_head_kv})"
         )
     t = probe.hidden.shape[0]
-    positions = np.arange(t)
-    q = rope(_heads(probe, probe.hidden[-1:], probe.q_weight, probe.n_head), positions[-1:],
+    q = rope(_heads(probe, probe.hidden[-1:], probe.q_weight, probe.n_head), np.array([t - 1]),
              probe.rope_theta)[0]  # [n_head, d_h]
-    k = rope(_heads(probe, probe.hidden, probe.k_weight, probe.n_head_kv), positions,
-             probe.rope_theta)  # [T, n_kv, d_h]
+    k = _rope_keys(probe)  # [T, n_kv, d_h]
     if k.shape[2] != q.shape[1]:
         raise ValueError(f"q and k head sizes differ: {q.shape[1]} vs {k.shape[2]}")
     k = np.repeat(k, probe.n_head // probe.n_head_kv, axis=1)  # [T, n_head, d_h], HF order

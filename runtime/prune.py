@@ -20,7 +20,7 @@ from runtime.errors import InputError
 from runtime.manifest import load_manifest
 from runtime.model_registry import bundle_path
 from runtime.ort_session import available_providers
-from runtime.pipeline import Pipeline, PrunedImage
+from runtime.pipeline import Pipeline, PrunedImage, require_question
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.strategies.registry import available, get_strategy
@@ -43,6 +43,14 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--p-shallow", type=float, default=None,
                         help="share of K from the shallow layer (default: 0.4)")
     parser.add_argument("--merge", default=None, help="mean or none (default: mean)")
+    parser.add_argument("--relevance-weight", type=float, default=None,
+                        help="cdpruner: relevance weight θ in [0, 1), r <- exp(θ/(2(1-θ)) r) "
+                             "(default: off, the min-max relevance itself)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="dart: layer P whose keys pick the pivots (default: the bundle probe's, 2)")
+    parser.add_argument("--pivots-image", type=int, default=None, help="dart: image pivots (default: 4)")
+    parser.add_argument("--pivots-text", type=int, default=None,
+                        help="dart: text pivots among the tokens after the image (default: 4)")
     parser.add_argument("--provider", default=None,
                         help=f"onnxruntime provider (default: CPU; here: {', '.join(available_providers())})")
     parser.add_argument("--threads", type=int, default=None,
@@ -53,7 +61,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
     """The strategy keyword options given on the command line (None = not given)."""
     return {"rule": args.rule, "shallow": args.shallow, "deep": args.deep, "fixed": args.fixed,
-            "p_shallow": args.p_shallow, "merge": args.merge}
+            "p_shallow": args.p_shallow, "merge": args.merge, "relevance_weight": args.relevance_weight,
+            "layer": args.layer, "pivots_image": args.pivots_image, "pivots_text": args.pivots_text}
 
 
 def result_json(result: PrunedImage) -> dict[str, Any]:
@@ -117,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="check every bundle file against the sha256 its export recorded, then exit "
                              "(reads every byte; default: off, loading checks sizes and export ids only)")
-    parser.add_argument("--question", default=DEFAULT_QUESTION,
-                        help=f"prompt the probe strategies (entropyprune, fastv) see (default: {DEFAULT_QUESTION!r})")
+    parser.add_argument("--question", default=None,
+                        help="the question to prune for: required by the question-aware strategies (cdpruner, "
+                             "dart); the other probe strategies (entropyprune, fastv) see it in their prompt "
+                             f"(default: none; they then see {DEFAULT_QUESTION!r})")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -126,12 +137,14 @@ def main(argv: list[str] | None = None) -> int:
             return check(bundle_path(args.model))
         if args.image is None:
             raise InputError("give an IMAGE to prune (or --check to check the bundle)")
+        strategy = get_strategy(args.strategy)
+        require_question(strategy, args.question)  # before anything loads
         image = load_image(args.image)  # a bad image fails before the sessions load
         pipeline = Pipeline(bundle_path(args.model), args.provider, args.threads, args.int8)
         probe = None
-        if get_strategy(args.strategy).needs_probe:  # EntropyPrune/FastV: the bundle's llama.cpp probe
-            probe = probe_from_manifest(pipeline.manifest, args.question, n_threads=args.threads)
-        result = pipeline.prune(image, args.tokens, args.strategy, probe, **method_options(args))
+        if strategy.needs_probe:  # EntropyPrune/FastV/DART: the bundle's llama.cpp probe
+            probe = probe_from_manifest(pipeline.manifest, args.question or DEFAULT_QUESTION, n_threads=args.threads)
+        result = pipeline.prune(image, args.tokens, args.strategy, probe, args.question, **method_options(args))
         print(json.dumps(result_json(result)) if args.json else summary(result))
         if args.save:
             save_npz(args.save, result)

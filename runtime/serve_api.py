@@ -237,6 +237,7 @@ def settings_changes(request: ChatRequest, defaults: Settings) -> dict[str, Any]
     }
     changes = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
     changes["stop"] = stop
+    changes["reprune"] = True  # a question-aware strategy prunes for the request's last user message
     try:
         replace(defaults, **changes)  # Settings checks max_tokens, temperature, top_p and seed
     except InputError as err:

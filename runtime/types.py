@@ -53,9 +53,12 @@ class ProbeOutput:
     n_head_kv: int
     rope_theta: float  # RoPE base (HF rotate-half convention, positions 0..T-1)
     layer: int | None = None  # P-1: the 0-based decoder layer whose W_q/W_k are given, if known
+    final_hidden: np.ndarray | None = None  # [T, d_model] float32: norm(h_P), final norm; when asked (DART)
 
     def __post_init__(self) -> None:
         t, d = self.hidden.shape
+        if self.final_hidden is not None and self.final_hidden.shape != (t, d):
+            raise ValueError(f"final_hidden must be [{t}, {d}] like hidden, got {self.final_hidden.shape}")
         if not 0 <= self.image_start <= self.image_start + self.num_image <= t:
             raise ValueError(f"image rows [{self.image_start}, +{self.num_image}) outside [0, {t})")
         if self.q_weight.shape[1] != d or self.q_weight.shape[0] % self.n_head:
@@ -64,11 +67,19 @@ class ProbeOutput:
 
 @dataclass(frozen=True)
 class PruneInputs:
-    """Everything a strategy may look at; expensive extras are callables run on demand."""
+    """Everything a strategy may look at; expensive extras are callables run on demand.
+
+    ``probe(rows, final=False)`` probes the prompt with the image rows; ``final=True`` also runs
+    the final-norm probe (``ProbeOutput.final_hidden``). ``clip_text``/``clip_image`` are the CLIP
+    text tower and the vision features' projection into CLIP space (cdpruner).
+    """
 
     encoded: EncoderOutput
     project: Callable[[np.ndarray], np.ndarray]  # [M, D] -> [M, E]: the multimodal projector
-    probe: Callable[[np.ndarray], ProbeOutput] | None = None  # [N, E] image embeddings -> probe
+    probe: Callable[..., ProbeOutput] | None = None  # [N, E] image embeddings -> probe
+    question: str | None = None  # the user's question, for the question-aware strategies
+    clip_text: Callable[[str], np.ndarray] | None = None  # question -> [M, P] CLIP text embeddings
+    clip_image: Callable[[np.ndarray], np.ndarray] | None = None  # features [N, D] -> [N, P] in CLIP space
 
 
 @dataclass(frozen=True)

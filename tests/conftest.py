@@ -64,8 +64,24 @@ def tiny_llava_processor(tiny_llava_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip_dir(tiny_llava_dir: Path) -> Path:
+    """The tiny checkpoint's CLIP (``OUT/clip``): the same vision tower, a small text tower, a CLIP BPE tokenizer."""
+    return tiny_llava_dir / "clip"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_model(tiny_clip_dir: Path) -> Any:
+    """The tiny ``CLIPModel``: eager attention, eval, float32."""
+    import torch
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_dir, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint exported by the CLI ``python -m export.clip ... --int8`` (validated)."""
+    """The tiny checkpoint exported by the CLI ``python -m export.clip ... --int8`` (validated); it has a
+    text tower (text.int8.onnx too) because the checkpoint has ``OUT/clip``."""
     from export.clip import main
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"

@@ -43,12 +43,13 @@ class FakeProbe:
     n_head: int
     n_head_kv: int
 
-    def __call__(self, embeds: np.ndarray) -> ProbeOutput:
+    def __call__(self, embeds: np.ndarray, final: bool = False) -> ProbeOutput:
+        """``final``: ``final_hidden = tanh(hidden)`` stands in for the final-norm probe."""
         hidden = np.concatenate([self.prefix, embeds, self.suffix]).astype(np.float32)
         return ProbeOutput(hidden=hidden, image_start=self.prefix.shape[0],
                            num_image=embeds.shape[0], q_weight=self.q_weight,
                            k_weight=self.k_weight, n_head=self.n_head, n_head_kv=self.n_head_kv,
-                           rope_theta=THETA, layer=1)
+                           rope_theta=THETA, layer=1, final_hidden=np.tanh(hidden) if final else None)
 
 
 def make_probe(e: int, n_head: int = 4, n_head_kv: int = 2, d_head: int = 8,

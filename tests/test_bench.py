@@ -221,9 +221,12 @@ def test_bench_smoke_on_tiny_bundle(tiny_llm_bundle: Path, tmp_path: Path, capsy
     for row in data["rows"]:
         key, stages = (row["strategy"], row["tokens"]), row["stages_ms"]
         runs_probe = get_strategy(row["strategy"]).needs_probe
-        positive = [s for s in STAGES if s != "probe"] + (["probe"] if runs_probe else [])
+        runs_text = "text_tower" in get_strategy(row["strategy"]).needs
+        positive = [s for s in STAGES if s not in ("probe", "text_tower")] + (["probe"] if runs_probe else []) + (
+            ["text_tower"] if runs_text else [])
         assert all(stages[s] > 0 for s in positive), (key, stages)
         assert (stages["probe"] > 0) == runs_probe and row["decode_tokens_per_s"] > 0
+        assert (stages["text_tower"] > 0) == runs_text
         assert math.isclose(row["ttft_ms"], sum(stages.values()), rel_tol=1e-12)
         positions = (int(table[key]["prefill positions"]), int(csv_rows[key]["prefill_positions"]))
         assert positions == (row["prefill_positions"], row["prefill_positions"])

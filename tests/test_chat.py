@@ -340,3 +340,40 @@ def test_verbose_shows_llama_cpp_buffer_sizes_and_default_is_quiet(tiny_llm_bund
                                  cwd=Path(__file__).resolve().parents[1]) for flag in ((), ("--verbose",))}
     assert "KV buffer size" in runs[("--verbose",)].stderr
     assert "buffer size" not in runs[()].stderr
+
+
+# --- question-aware strategies: pruned once with the first question, or per question -----------
+@pytest.mark.llm
+def test_dart_prunes_once_then_per_question_with_reprune(assistant, photos) -> None:
+    assistant.update(strategy="dart", options={}, tokens=16)
+    assistant.set_image(photos["coffee"])
+    "".join(assistant.respond("What is on the table?"))
+    first = assistant._pruned[1]
+    assert "prune" in assistant.last_stats.vision_ms and "probe" in assistant.last_stats.vision_ms
+    "".join(assistant.respond("How many cups are there, and what colour is the wall behind them?"))
+    assert assistant._pruned[1] is first and "prune" not in assistant.last_stats.vision_ms  # reused
+    assert assistant.notice is None
+    assistant.update(reprune=True)
+    "".join(assistant.respond("Is there a spoon?"))
+    assert assistant._pruned[1] is not first and "probe" in assistant.last_stats.vision_ms
+    assert assistant.notice.startswith("re-pruned the image for this question") and "prefilled again" in \
+        assistant.notice
+    # negative control: the same question again is not pruned again
+    "".join(assistant.respond("Is there a spoon?"))
+    assert assistant.notice is None and "prune" not in assistant.last_stats.vision_ms
+
+
+def test_reprune_command() -> None:
+    out, err, backend = run("/reprune on\n/reprune off\n/reprune maybe\n/reprune\n")
+    assert out.splitlines() == ["reprune: on", "reprune: off"]
+    assert "update {'reprune': True}" in backend.calls and "update {'reprune': False}" in backend.calls
+    assert err.splitlines() == ["error: /reprune takes on or off, got 'maybe'", "error: /reprune needs on or off"]
+
+
+@pytest.mark.llm
+def test_question_aware_strategy_in_prompt_mode(tiny_llm_bundle: Path, photo: Path, capsys) -> None:
+    argv = ["--model", str(tiny_llm_bundle), "--image", str(photo), "--prompt", "What is shown?",
+            "--max-tokens", "4", "--temperature", "0", "--timings", "--strategy", "dart", "--tokens", "32",
+            "--pivots-image", "2", "--reprune"]
+    assert main(argv) == 0
+    assert "image tokens kept: 32/576" in capsys.readouterr().err

@@ -127,6 +127,19 @@ def test_probe_and_project_all_costs() -> None:
     assert strategy_cost("entropy", 64, LLAVA_7B).select == N * 64 * 1024
 
 
+def test_question_aware_costs() -> None:
+    # CLIP text tower, one 77-position segment: 12 · (4·77·768² + 2·77²·768 + 2·77·768·3072)
+    #   = 12 · (181,665,792 + 9,106,944 + 363,331,584) = 6,649,251,840; + 768² + 576·1024·768
+    cd = strategy_cost("cdpruner", 64, LLAVA_7B)
+    assert cd.text == 6_649_251_840 + 589_824 + 452_984_832 and cd.probe == 0
+    assert cd.select == N * N * 4096 + N * 768 + 64 * 64 * N
+    assert cd.projector == (N + 64) * PROJECTOR_7B_PER_TOKEN
+    dart = strategy_cost("dart", 64, LLAVA_7B, prompt=60, probe_layer=2)
+    # probe.gguf: P-1 = 1 layer; probe_final.gguf: P = 2 layers; W_k on all 636 rows
+    assert dart.probe == 3 * LAYER_7B_636 + 636 * 4096 * 4096 and dart.text == 0
+    assert dart.select == 636 * 4096 + 8 * N * 4096
+
+
 @pytest.mark.parametrize("model", [LLAVA_7B, LLAVA_13B], ids=lambda m: m.alias)
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_smaller_budgets_cost_less(model, swiglu: bool) -> None:

@@ -106,6 +106,10 @@ def test_bad_image_is_one_line(tiny_bundle: Path, photo_path: Path, tmp_path: Pa
         (["--strategy", "magic"], "unknown strategy 'magic'"),
         (["--shallow", "six"], "layer range"),
         (["--provider", "NoSuchExecutionProvider"], "not available"),
+        (["--strategy", "dart"], "--question is required by strategy 'dart'"),
+        (["--strategy", "cdpruner", "--question", "  "], "--question is required by strategy 'cdpruner'"),
+        (["--strategy", "cdpruner", "--question", "why?", "--relevance-weight", "1"], "relevance_weight must lie"),
+        (["--strategy", "entropy", "--pivots-text", "2"], "takes no option(s) pivots_text"),
     ],
 )
 def test_bad_arguments_are_one_line(tiny_bundle: Path, photo_path: Path, capsys, flags: list[str], words: str) -> None:
@@ -150,3 +154,20 @@ def test_probe_strategy_without_language_model_is_one_line(tiny_bundle: Path, ph
     assert main([str(photo_path), "--model", str(tiny_bundle), "--strategy", "entropyprune"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the language-model probe" in err[0] and "export.llm" in err[0], err
+
+
+@pytest.mark.llm
+def test_dart_reports_pivots_and_quotas(tiny_llm_bundle: Path, photo_path: Path, capsys) -> None:
+    result = run_json(capsys, str(photo_path), "--model", str(tiny_llm_bundle), "--strategy", "dart", "--tokens",
+                      "20", "--question", "What is on the table?", "--pivots-image", "2", "--pivots-text", "3")
+    assert len(result["kept"]) == 20 and result["kept"] == sorted(set(result["kept"]))
+    assert len(result["pivots_image"]) == 2 and set(result["pivots_image"]) <= set(result["kept"])
+    assert len(result["pivots_text"]) == 3 and result["quotas"] == [4, 4, 4, 3, 3]
+    assert result["timings_ms"]["probe"] > 0
+    other = run_json(capsys, str(photo_path), "--model", str(tiny_llm_bundle), "--strategy", "dart", "--tokens",
+                     "20", "--question", "Which colour has the wall behind the cups?", "--pivots-image", "2",
+                     "--pivots-text", "3")
+    assert other["kept"] != result["kept"]  # the question's tokens are pivots: another question, other rows
+    assert main([str(photo_path), "--model", str(tiny_llm_bundle), "--strategy", "dart", "--question", "why?",
+                 "--layer", "3"]) == 2
+    assert "this bundle's probe is cut at P=2" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "tokenizers", "safetensors", "sentencepiece")
+# tokenizers is a runtime dependency (CLIP's tokenizer for cdpruner, runtime.clip_text), so it is not blocked
+BLOCKED = ("torch", "transformers", "onnx", "onnxscript", "safetensors", "sentencepiece")
 
 SCRIPT = textwrap.dedent(
     """

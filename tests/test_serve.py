@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -340,3 +341,18 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tiny_llm_bu
     lines = [line for line in capsys.readouterr().err.splitlines() if line]
     assert len(lines) == 3 and all("error:" in line for line in lines), lines
     assert "address already in use" in lines[-1].lower()
+
+
+def test_question_aware_strategy_prunes_for_the_last_user_message(server: Running) -> None:
+    image = data_url(png((56, 40), (240, 200, 20)))  # an image no other test sends
+    body = {"max_tokens": 3, "visual_tokens": 24, "strategy": "dart"}
+    first = server.chat({**body, "messages": [user("What is the colour?", image)]})
+    assert first.status_code == 200, first.text
+    kept_first = server.assistant._pruned[1].kept
+    follow_up = [user("What is the colour?", image), {"role": "assistant", "content": "yellow"},
+                 user("How many corners does the rectangle have, and is it bright?")]
+    second = server.chat({**body, "messages": follow_up})
+    assert second.status_code == 200 and second.json()["usage"]["image_tokens_kept"] == 24
+    assert not np.array_equal(server.assistant._pruned[1].kept, kept_first)  # pruned again for the new question
+    bad = server.chat({**body, "strategy_options": {"pivots_image": -1}, "messages": [user("x", image)]})
+    assert_error(bad, 400, "pivots_image")

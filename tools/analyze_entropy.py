@@ -40,7 +40,7 @@ from runtime.strategies.visionzip import contextual_count, contextual_groups
 from runtime.types import EncoderOutput, ProbeOutput
 from tools import entropy_plots as plots
 
-ProbeFn = Callable[[np.ndarray], ProbeOutput]
+ProbeFn = Callable[..., ProbeOutput]  # (image rows [N, E], final=False) -> ProbeOutput
 BAR = 20  # width of the progress bar in characters
 
 

@@ -5,7 +5,9 @@
 
 Per image and repeat: preprocess and encode (shared by every strategy: measured once per image
 and repeat), then per strategy and budget K the strategy itself (prune), the projector (all N
-rows for DivPrune/EntropyPrune/FastV, then the K kept ones), the probe (EntropyPrune, FastV),
+rows for DivPrune/EntropyPrune/FastV/CDPruner/DART, then the K kept ones), CDPruner's text tower
+(the question through CLIP's text tower and V, the features in CLIP space), the probe
+(EntropyPrune, FastV; DART with its final-norm probe),
 and llama.cpp: a fresh KV cache, prefill of the LLaVA-1.5 prompt with the K rows injected where
 ``<image>`` stands, the first greedy token, then D greedy tokens (EOS ignored) for decode speed.
 Every number is the median over images × repeats; time to first token (image in → first token
@@ -39,7 +41,7 @@ from runtime.llm_bundle import open_language_model
 from runtime.pipeline import Pipeline
 from runtime.probe import LlamaProbe, probe_from_manifest
 from runtime.prompt_cache import ImageRows
-from runtime.strategies.registry import available, get_strategy
+from runtime.strategies.registry import TEXT_TOWER, available, get_strategy
 from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
 from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
@@ -56,7 +58,7 @@ class _Llm:
     prompt: PromptTokens
     info: LlmInfo
     rows_for: Callable[[np.ndarray], np.ndarray]  # projected rows [M, E] -> rows the LLM gets
-    probe: Callable[[np.ndarray], Any] | None
+    probe: Callable[..., Any] | None
 
 
 def _random_rows(count: int, width: int) -> np.ndarray:
@@ -65,14 +67,16 @@ def _random_rows(count: int, width: int) -> np.ndarray:
 
 def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int) -> LlamaProbe:
     """A probe cut from ``--gguf`` at the bundle's probe layer, in a temporary directory."""
-    from export.gguf_probe import read_probe_weights, save_probe_weights, write_probe_gguf
+    from export.gguf_probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
 
     layer = manifest.llm.probe.layer
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-probe-")))
-    log(f"cutting a probe (blocks 0..{layer - 1}) from {config.gguf}")
+    log(f"cutting a probe (blocks 0..{layer - 1}) and a final-norm probe (blocks 0..{layer}) from {config.gguf}")
     write_probe_gguf(config.gguf, tmp / "probe.gguf", layer, "bench")  # a throw-away probe: no bundle id
+    write_final_probe_gguf(config.gguf, tmp / "probe_final.gguf", layer + 1, "bench")
     save_probe_weights(tmp / "probe_weights.npz", read_probe_weights(config.gguf, layer), "bench")
-    probe = LlamaProbe(tmp / "probe.gguf", tmp / "probe_weights.npz", n_threads=config.threads, n_ctx=n_ctx)
+    probe = LlamaProbe(tmp / "probe.gguf", tmp / "probe_weights.npz", n_threads=config.threads, n_ctx=n_ctx,
+                       final_path=tmp / "probe_final.gguf")
     stack.callback(probe.close)
     return probe
 
@@ -105,7 +109,7 @@ def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_
         cut = _cut_probe(config, manifest, stack, n_ctx)
         tokens = encode_prompt(segments, cut.backend)
         bound = cut.bind(tokens.prefix, tokens.suffix)
-        probe = lambda rows: bound(rows_for(rows))  # noqa: E731
+        probe = lambda rows, final=False: bound(rows_for(rows), final=final)  # noqa: E731
     return _Llm(backend, encode_prompt(segments, backend), info, rows_for, probe)
 
 
@@ -147,10 +151,10 @@ def _measure(pipeline: Pipeline, llm: _Llm, vision: _Vision, strategy: str, k: i
     runs: list[dict[str, float]] = []
     for encoded in vision.encoded:
         for _ in range(config.repeats):
-            pruned = pipeline.prune_encoded(encoded, k, strategy, llm.probe)
+            pruned = pipeline.prune_encoded(encoded, k, strategy, llm.probe, config.question)
             t = pruned.timings_ms
             run = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"],
-                   "probe": t.get("probe", 0.0)}
+                   "text_tower": t.get("text_tower", 0.0) + t.get("clip_image", 0.0), "probe": t.get("probe", 0.0)}
             runs.append(run | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens))
     pre, enc = median(vision.preprocess_ms), median(vision.encode_ms)
     stages = {"preprocess": pre, "encode": enc} | {s: median([r[s] for r in runs]) for s in STAGES[2:]}
@@ -169,14 +173,16 @@ def run_bench(config: BenchConfig) -> BenchResult:
         llm = _open_llm(config, pipeline.manifest, stack, any(get_strategy(s).needs_probe for s in names))
         skipped = tuple(f"{s}: needs the probe (export.llm)" for s in names
                         if get_strategy(s).needs_probe and llm.probe is None)
+        skipped += tuple(f"{s}: needs the CLIP text tower (export.clip --text-tower-only)" for s in names
+                         if TEXT_TOWER in get_strategy(s).needs and pipeline.manifest.text_tower is None)
         plan = [(s, k) for s in names if not any(x.startswith(f"{s}:") for x in skipped)
                 for k in ((pipeline.num_patches,) if s == "none" else config.tokens)]
         log(f"{len(plan)} (strategy, K) pairs × {config.images} images × {config.repeats} repeats; {llm.info.note()}")
         images = [Image.fromarray(a) for a in sample_images(config.images)]
         vision = _vision(pipeline, images, config.repeats)
         first = plan[0]
-        _llm_run(llm, llm.rows_for(pipeline.prune_encoded(vision.encoded[0], first[1], first[0], llm.probe)
-                                   .embeddings), 1)  # warm-up
+        _llm_run(llm, llm.rows_for(pipeline.prune_encoded(vision.encoded[0], first[1], first[0], llm.probe,
+                                                          config.question).embeddings), 1)  # warm-up
         rows = []
         for strategy, k in plan:
             rows.append(_measure(pipeline, llm, vision, strategy, k, config))

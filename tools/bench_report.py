@@ -19,7 +19,7 @@ from tools.benchlib import markdown_table
 
 CSV_COLUMNS = ("strategy", "tokens", *(f"{s}_ms" for s in STAGES), "ttft_ms", "decode_tokens_per_s",
                "prefill_positions", "runs")
-COLORS = ("#b0b0b0", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+COLORS = ("#b0b0b0", "#4c72b0", "#dd8452", "#55a868", "#da8bc3", "#c44e52", "#8172b3", "#937860")  # one per STAGES
 
 
 def result_json(result: BenchResult) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from runtime.errors import InputError
 from runtime.probe import DEFAULT_QUESTION
 from runtime.strategies.registry import get_strategy
 
-STAGES = ("preprocess", "encode", "prune", "projector", "probe", "prefill", "first_token")
+STAGES = ("preprocess", "encode", "prune", "projector", "text_tower", "probe", "prefill", "first_token")
 RANDOM_ROW_STD = 0.02  # projected LLaVA rows are roughly this size (as tools/bench_llm.py)
 
 

@@ -187,6 +187,17 @@ def layer_histogram_figure(chosen: dict[str, list[int]], free: dict[str, list[in
     return fig
 
 
+def kept_panels_figure(overlays: Sequence[np.ndarray], titles: Sequence[str], caption: str) -> Figure:
+    """Overlays from :func:`kept_overlay` side by side, each with its title, above a caption."""
+    fig = _new_figure(4.6 * len(overlays), 5.2)
+    for ax, overlay, title in zip(fig.subplots(1, len(overlays), squeeze=False)[0], overlays, titles, strict=True):
+        ax.imshow(overlay, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9, wrap=True)
+    fig.suptitle(caption, fontsize=9)
+    return fig
+
+
 def kept_figure(overlay: np.ndarray, title: str) -> Figure:
     """One overlay image from :func:`kept_overlay` with a title."""
     fig = _new_figure(5.5, 5.9)

@@ -20,10 +20,14 @@ ignored. With n tokens, width d and MLP width m:
   plus all N image tokens, plus layer P−1's projections the scores read: entropyprune ``N·d²``
   (W_q on the image rows), fastv ``T·d·d_kv + d²`` (W_k on all T rows, W_q on the last one).
   The full model then runs all L layers on prompt + K, so the probe's layers are extra.
+  dart runs the probe's P−1 layers and the final-norm probe's P layers, plus W_k on all T rows.
+- Text tower (cdpruner): CLIP's text transformer (12 layers, width 768, GELU MLP 3072) on one
+  77-position segment, its 768² projection, and ``N·D·P`` for the features' visual projection.
 - Selection arithmetic beyond O(f·H·N) scoring: entropy (merge "mean") ``N·K·D`` cosines;
   visionzip ``R·C·D/H`` key cosines (C = round(5K/32), R = N − K + C); divprune ``N²·E``
   cosines; entropyprune ``N·(h²·d_h + h³)`` (h×h Gram and its eigen-solve); fastv ``T·d`` (the
-  last query against T keys); 0 for none, uniform and fastervlm.
+  last query against T keys); cdpruner ``N²·E + N·P + K²·N`` (kernel, relevance, greedy MAP);
+  dart ``T·d_kv + 8·N·d`` (key norms, 8 pivots' cosines); 0 for none, uniform and fastervlm.
 
 Percentages are of the unpruned baseline (strategy ``none``, all N = 576 tokens) of the same model
 and formula. Pruning strategies are listed at every ``--tokens`` budget below N.
@@ -42,7 +46,8 @@ from runtime.errors import InputError
 from runtime.model_registry import load_spec
 from runtime.strategies.registry import available, get_strategy
 
-COST_MODELS = ("none", "uniform", "fastervlm", "visionzip", "entropy", "divprune", "entropyprune", "fastv")
+COST_MODELS = ("none", "uniform", "fastervlm", "visionzip", "entropy", "divprune", "entropyprune", "fastv",
+               "cdpruner", "dart")
 MLP_FORMULAS = {"fastv": "4nd² + 2n²d + 2ndm", "swiglu": "4nd² + 2n²d + 3ndm"}
 TERA = 1e12
 
@@ -80,10 +85,22 @@ class LlmShape:
 
 
 @dataclass(frozen=True)
+class TextShape:
+    """CLIP ViT-L/14-336's text tower (cdpruner, method.md §7): 77 positions per segment."""
+
+    layers: int = 12
+    width: int = 768
+    mlp: int = 3072
+    positions: int = 77
+    projection: int = 768  # P: CLIP's joint embedding width
+
+
+@dataclass(frozen=True)
 class ModelShape:
     alias: str
     vision: VisionShape
     llm: LlmShape  # the projector maps D -> llm.width -> llm.width
+    text: TextShape = TextShape()
 
 
 SHAPES = {
@@ -103,10 +120,11 @@ class Cost:
     probe: int
     select: int
     llm: int
+    text: int = 0  # cdpruner: the CLIP text tower on the question and V = projection of the N features
 
     @property
     def total(self) -> int:
-        return self.vision + self.projector + self.probe + self.select + self.llm
+        return self.vision + self.projector + self.probe + self.select + self.llm + self.text
 
 
 def llm_layer_flops(n: int, d: int, m: int, swiglu: bool = False) -> int:
@@ -145,13 +163,17 @@ def contextual_tokens(budget: int) -> int:
 
 
 def probe_flops(strategy: str, prompt: int, model: ModelShape, probe_layer: int, swiglu: bool) -> int:
-    """P−1 layers over prompt + N, plus layer P−1's projections the strategy's scores read; 0 if no probe."""
+    """P−1 layers over prompt + N, plus layer P−1's projections the strategy's scores read; 0 if no probe.
+    dart runs the final-norm probe too (P more layers) and W_k on all T rows."""
     if not get_strategy(strategy).needs_probe:
         return 0
     llm, t = model.llm, prompt + model.vision.num_patches
     layers = (probe_layer - 1) * llm_layer_flops(t, llm.width, llm.mlp, swiglu)
+    keys = t * llm.width * llm.kv_heads * llm.head_dim  # W_k on all T rows
+    if strategy == "dart":
+        return layers + probe_layer * llm_layer_flops(t, llm.width, llm.mlp, swiglu) + keys
     if strategy == "fastv":
-        return layers + t * llm.width * llm.kv_heads * llm.head_dim + llm.width * llm.width
+        return layers + keys + llm.width * llm.width
     return layers + model.vision.num_patches * llm.width * llm.width  # entropyprune: W_q on the image rows
 
 
@@ -169,6 +191,10 @@ def select_flops(strategy: str, budget: int, prompt: int, model: ModelShape) -> 
         return n * (llm.heads**2 * llm.head_dim + llm.heads**3)
     if strategy == "fastv":
         return (prompt + n) * llm.width
+    if strategy == "cdpruner":  # the N×N kernel on E, N·M·P relevance cosines, the greedy loop's K²·N
+        return n * n * llm.width + n * model.text.projection + budget * budget * n
+    if strategy == "dart":  # key L1 norms, then each of the 8 pivots' cosines against the N rows
+        return (prompt + n) * llm.kv_heads * llm.head_dim + 8 * n * llm.width
     if strategy in ("none", "uniform", "fastervlm"):
         return 0
     raise InputError(f"no cost model for strategy {strategy!r}; known: {', '.join(COST_MODELS)}")
@@ -181,14 +207,26 @@ def strategy_cost(strategy: str, budget: int, model: ModelShape, prompt: int = 6
     k = n if strategy == "none" else budget
     if not 1 <= k <= n:
         raise InputError(f"budget K must be in 1..{n}, got {k}")
-    projected_all = strategy in ("divprune", "entropyprune", "fastv")
+    projected_all = strategy in ("divprune", "entropyprune", "fastv", "cdpruner", "dart")
     return Cost(
         strategy=strategy, tokens=k, vision=vision_flops(model.vision),
         projector=projector_flops(k + (n if projected_all else 0), d_in, width),
         probe=probe_flops(strategy, prompt, model, probe_layer, swiglu),
         select=select_flops(strategy, k, prompt, model),
         llm=llm_prefill_flops(prompt + k, model.llm, swiglu),
+        text=text_flops(model) if strategy == "cdpruner" else 0,
     )
+
+
+def text_flops(model: ModelShape, segments: int = 1) -> int:
+    """cdpruner's CLIP side: the text tower on ``segments`` × 77 positions (GELU MLP) and its
+    projection, plus V = visual_projection of the N features (D·P each; the layer norm ignored).
+
+    Example (CLIP-L/14-336, one segment): 12 · 554,104,320 + 768² + 576 · 1024 · 768 = 7,102,826,496.
+    """
+    t, v = model.text, model.vision
+    tower = segments * t.layers * llm_layer_flops(t.positions, t.width, t.mlp)
+    return tower + t.width * t.projection + v.num_patches * v.width * t.projection
 
 
 @dataclass(frozen=True)
@@ -233,15 +271,18 @@ def markdown(table: CostTable) -> str:
         "",
         f"Formulas: LLM prefill = L·({MLP_FORMULAS[table.mlp]}) with n = prompt + K; vision = N·3p²·D + "
         "f·(4nD² + 2n²D + 2nDM) with n = N+1; projector = rows·(D·E + E²) (rows = K, + N for divprune, "
-        "entropyprune, fastv); probe = (P-1)·layer(prompt + N) + layer P-1's W_q (entropyprune: N·d²) or "
-        "W_k/W_q (fastv: T·d·d_kv + d²); select = the strategy's cosine/Gram products.",
+        "entropyprune, fastv, cdpruner, dart); text tower (cdpruner) = 12·layer(77) of CLIP's text width 768 + "
+        "768² + N·D·768; probe = (P-1)·layer(prompt + N) + layer P-1's W_q (entropyprune: N·d²) or "
+        "W_k/W_q (fastv: T·d·d_kv + d²), dart: (2P-1)·layer(prompt + N) + T·d·d_kv; "
+        "select = the strategy's cosine/Gram products.",
         "",
-        f"| strategy | K | vision | projector | probe | select | LLM prefill | total | LLM % of {n} "
+        f"| strategy | K | vision | projector | text tower | probe | select | LLM prefill | total | LLM % of {n} "
         f"| total % of {n} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in table.rows:
-        stages = " | ".join(f"{v / TERA:.4f}" for v in (r.vision, r.projector, r.probe, r.select, r.llm, r.total))
+        stages = " | ".join(f"{v / TERA:.4f}" for v in (r.vision, r.projector, r.text, r.probe, r.select, r.llm,
+                                                          r.total))
         lines.append(f"| {r.strategy} | {r.tokens} | {stages} | {100 * r.llm / base.llm:.1f} % "
                      f"| {100 * r.total / base.total:.1f} % |")
     return "\n".join(lines)

@@ -6,13 +6,16 @@
 The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 blocks,
 ``vision_feature_layer=-2``) at a small width; the text model is a 4-layer LLaMA; the
 tokenizer is a byte-fallback SentencePiece BPE trained here on a generated corpus (the same
-kind of model as LLaMA's), with ``<image>`` and ``<pad>`` added as LLaVA-hf does.
+kind of model as LLaMA's), with ``<image>`` and ``<pad>`` added as LLaVA-hf does. ``OUT/clip`` is
+the CLIP checkpoint of the same vision tower with a small text tower and a CLIP BPE tokenizer
+(``tools/tiny_clip.py``), as ``openai/clip-vit-large-patch14-336`` is to LLaVA-1.5.
 
 Peaky attention: with default initialisation every block's [CLS] attention is almost uniform
 (entropy ≈ ln 576), so rankings would be decided by noise. We scale the query/key weights of
 each block by a depth-dependent factor (``qk_gain``) so that attention sharpens with depth, as
 in trained CLIP, and rankings have clear margins (the tests assert the margins they rely on).
-``--full-vision`` gives the ViT-L/14-336 width (1024, 16 heads) for benchmarks.
+``--full-vision`` gives the ViT-L/14-336 width (1024, 16 heads) and CLIP-L's text tower (12 layers,
+width 768) in ``OUT/clip`` for benchmarks.
 ``--shape`` instead writes random weights with the real llava-1.5-7b/13b configs, tensor names and
 tokenizer layout, shard by shard (see ``tools/shape_checkpoint.py``).
 """
@@ -27,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tools.llava_parts import IMAGE, PATCH, QK_GAIN, llava_tokenizer, sharpen_attention, write_processor
+from tools.tiny_clip import CLIP_L_TEXT, TextTowerShape, build_tiny_clip
+
+CLIP_FOLDER = "clip"  # OUT/clip: the CLIP checkpoint the vision tower came from (cdpruner's text side)
 
 _WORDS = (
     "the a an cat dog bird sits on under mat table red blue green yellow black white image "
@@ -63,8 +69,9 @@ def build_tiny_llava(
     text_layers: int = 4,
     text_width: int = 64,
     qk_gain: tuple[float, float] = QK_GAIN,
+    clip_text: TextTowerShape | None = None,
 ) -> Path:
-    """Write the checkpoint to ``out`` and return the path."""
+    """Write the checkpoint to ``out`` and return the path (``clip_text``: the size of OUT/clip's text tower)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -102,6 +109,7 @@ def build_tiny_llava(
             linear.weight.normal_(0.0, 2.0 / linear.in_features**0.5, generator=gen)
     model.save_pretrained(out)
     write_processor(out, tokenizer)
+    build_tiny_clip(out / CLIP_FOLDER, model.model.vision_tower, _WORDS, seed, clip_text or TextTowerShape())
     return out
 
 
@@ -158,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shape is None:
             width, heads = (1024, 16) if args.full_vision else (64, 4)
             path = build_tiny_llava(args.out, seed=args.seed, vision_layers=args.vision_layers or 24,
-                                    vision_width=width, vision_heads=heads)
+                                    vision_width=width, vision_heads=heads,
+                                    clip_text=CLIP_L_TEXT if args.full_vision else None)
         else:
             from tools.shape_checkpoint import write_shape_checkpoint
 

@@ -2,6 +2,8 @@
 
 from runtime.strategies import (  # noqa: F401
     baselines,
+    cdpruner,
+    dart,
     divprune,
     entropy,
     entropyprune,

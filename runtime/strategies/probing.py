@@ -10,14 +10,16 @@ from runtime.errors import InputError
 from runtime.types import ProbeOutput, PruneInputs
 
 
-def probe_projected_patches(strategy: str, inputs: PruneInputs) -> ProbeOutput:
-    """Project all N features to ``[N, E]`` embeddings and run the language-model probe on them.
+def probe_projected_patches(strategy: str, inputs: PruneInputs, final: bool = False) -> ProbeOutput:
+    """Project all N features to ``[N, E]`` embeddings and run the language-model probe on them
+    (``final``: the final-norm probe too, for ``ProbeOutput.final_hidden``).
 
     ``strategy`` names the caller in the error raised when the bundle has no probe.
     """
     if inputs.probe is None:
         raise InputError(f"strategy {strategy!r} needs the language model probe (run export.llm)")
-    probe = inputs.probe(inputs.project(inputs.encoded.features))
+    rows = inputs.project(inputs.encoded.features)
+    probe = inputs.probe(rows, final=True) if final else inputs.probe(rows)
     n = inputs.encoded.num_patches
     if probe.num_image != n:
         raise ValueError(f"probe returned {probe.num_image} image rows, expected {n}")

@@ -19,12 +19,26 @@ from runtime.types import PruneInputs, Selection
 StrategyFn = Callable[[PruneInputs, int, Any], Selection]
 
 
+PROBE, QUESTION, TEXT_TOWER = "probe", "question", "text_tower"
+NEEDS = frozenset({PROBE, QUESTION, TEXT_TOWER})
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str
     run: StrategyFn
     options: type  # a frozen dataclass whose fields are the strategy's keyword options
-    needs_probe: bool = False  # True when the strategy reads the language-model probe
+    # what it reads besides the encoder's outputs and the projector: PROBE (the language-model probe),
+    # QUESTION (the user's question: required, no default prompt), TEXT_TOWER (the CLIP text tower)
+    needs: frozenset[str] = frozenset()
+
+    @property
+    def needs_probe(self) -> bool:
+        return PROBE in self.needs
+
+    @property
+    def needs_question(self) -> bool:
+        return QUESTION in self.needs
 
     def make_options(self, **overrides: Any) -> Any:
         """Build the options, ignoring ``None`` values; unknown keys are an :class:`InputError`."""
@@ -45,13 +59,15 @@ class Strategy:
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, options: type, needs_probe: bool = False) -> Callable[[StrategyFn], StrategyFn]:
-    """Decorator: register ``fn`` under ``name`` with its options dataclass."""
+def register(name: str, options: type, needs: tuple[str, ...] = ()) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: register ``fn`` under ``name`` with its options dataclass and what it ``needs``."""
 
     def decorate(fn: StrategyFn) -> StrategyFn:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
-        _REGISTRY[name] = Strategy(name, fn, options, needs_probe)
+        if not set(needs) <= NEEDS:
+            raise ValueError(f"strategy {name!r} needs unknown inputs {sorted(set(needs) - NEEDS)}")
+        _REGISTRY[name] = Strategy(name, fn, options, frozenset(needs))
         return fn
 
     return decorate
