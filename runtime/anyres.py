@@ -181,3 +181,18 @@ def num_feature_rows(
     Example: ``((500, 1000), LLaVA-NeXT pinpoints, 336, 14) -> 576 + 1152 + 24 = 1752``.
     """
     return anyres_layout(image_size, grid_pinpoints, tile_size, patch_size, newline).num_rows
+
+
+def patch_output_size(image_size: Sequence[int], target: Sequence[int]) -> Size:
+    """(height, width) an image is resized to inside ``target`` keeping its aspect, as HF
+    ``get_patch_output_size``: the tighter side fills ``target``, the other is ceil-ed and capped.
+
+    Example: ``((500, 1000), (336, 672)) -> (336, 672)``; ``((330, 1000), (336, 672)) -> (222, 672)``
+    (330 * 0.672 = 221.76 rounds up to 222).
+    """
+    height, width = _size(image_size, "image_size")
+    target_height, target_width = _size(target, "target")
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)

@@ -196,8 +196,7 @@ class Assistant:
             self._options[self.settings.strategy] = self.settings.options
             changes = {**changes, "options": self._options.get(changes["strategy"], {})}
         settings = replace(self.settings, **changes)
-        get_strategy(settings.strategy)
-        if settings.strategy != "none":
+        if not get_strategy(settings.strategy).keeps_all:
             self.pipeline.check_budget(settings.tokens)
         self.pipeline.options_for(settings.strategy, settings.options)
         self.settings = settings

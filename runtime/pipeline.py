@@ -37,6 +37,7 @@ class PrunedImage:
     embeddings: np.ndarray  # [K, E] float32, in the order they are fed to the LLM
     kept: np.ndarray  # [K] int64 patch index of each row
     counts: np.ndarray  # [K] int64 patches each row stands for
+    assignment: np.ndarray  # [N] int64 row each patch went into (its own when kept), -1 when dropped
     strategy: str
     num_patches: int  # N
     report: Mapping[str, Any]  # layers, entropy, kl, k_s, k_d, ... (JSON-serialisable)
@@ -129,7 +130,7 @@ class Pipeline:
         """
         timer = timer or _Timer()
         chosen = get_strategy(strategy)
-        budget = self.check_budget(tokens if strategy != "none" else encoded.num_patches)
+        budget = self.check_budget(encoded.num_patches if chosen.keeps_all else tokens)
         opts = self.options_for(strategy, options)
         require_question(chosen, question)
         if chosen.needs_probe and probe is None:
@@ -146,7 +147,8 @@ class Pipeline:
         timer.ms["prune"] -= sum(timer.ms.get(k, 0.0) for k in ("project_all", "probe", "text_tower", "clip_image"))
         with timer.stage("project"):
             embeddings = self.projector(selection.tokens)
-        return PrunedImage(embeddings, selection.kept, selection.counts, strategy, encoded.num_patches,
+        return PrunedImage(embeddings, selection.kept, selection.counts, selection.assignment_for(encoded.num_patches),
+                           strategy, encoded.num_patches,
                            _with_curves(selection, encoded), dict(timer.ms))
 
     def check_budget(self, tokens: int) -> int:

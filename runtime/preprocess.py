@@ -140,10 +140,24 @@ def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
     resample = RESAMPLE[config.resample]
     resized = np.asarray(Image.fromarray(rgb).resize((width, height), resample=resample))
     cropped = center_crop(resized, config.crop_size)
-    scaled = (cropped.astype(np.float64) * config.rescale_factor).astype(np.float32)
-    mean = np.asarray(config.image_mean, dtype=np.float32)
-    std = np.asarray(config.image_std, dtype=np.float32)
-    return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+    return rescale_and_normalize(cropped, config.rescale_factor, config.image_mean, config.image_std)
+
+
+def rescale_and_normalize(
+    pixels: np.ndarray,
+    rescale_factor: float,
+    image_mean: tuple[float, float, float],
+    image_std: tuple[float, float, float],
+) -> np.ndarray:
+    """[..., h, w, 3] uint8 -> [..., 3, h, w] float32 ``(pixels * rescale_factor - mean) / std``.
+
+    HF's arithmetic exactly: the rescale in float64 then cast to float32 (``image_transforms.rescale``),
+    mean and std subtracted/divided in float32 (``normalize``). Example: 255 with mean 0.5, std 0.5 -> 1.0.
+    """
+    scaled = (pixels.astype(np.float64) * rescale_factor).astype(np.float32)
+    mean = np.asarray(image_mean, dtype=np.float32)
+    std = np.asarray(image_std, dtype=np.float32)
+    return np.ascontiguousarray(np.moveaxis((scaled - mean) / std, -1, -3))
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -90,6 +90,9 @@ class Selection:
     tokens: np.ndarray  # [K, D] float32: (merged) features to run through the projector
     counts: np.ndarray  # [K] int64: patches each token stands for (1 when nothing merged)
     report: Mapping[str, Any] = field(default_factory=dict)  # JSON-serialisable extras
+    # [N] int64: position in ``kept`` of the token each patch went into (its own for a kept patch),
+    # -1 for a dropped patch; None: only the kept patches have tokens (every count is 1)
+    assignment: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k = self.kept.shape[0]
@@ -99,3 +102,19 @@ class Selection:
             )
         if self.counts.shape != (k,):
             raise ValueError(f"counts must be [{k}], got {self.counts.shape}")
+        if self.assignment is None and not (self.counts == 1).all():
+            raise ValueError("a Selection that merges patches must give their assignment")
+        if self.assignment is not None:
+            a = self.assignment
+            if a.ndim != 1 or not np.array_equal(a[self.kept], np.arange(k)):
+                raise ValueError("assignment must be [N] and map every kept patch to its own position")
+            if not np.array_equal(np.bincount(a[a >= 0], minlength=k), self.counts):
+                raise ValueError("assignment disagrees with counts (patches per token)")
+
+    def assignment_for(self, num_patches: int) -> np.ndarray:
+        """``assignment`` ``[N]`` int64, built from ``kept`` when the strategy gave none."""
+        if self.assignment is not None:
+            return self.assignment
+        out = np.full(num_patches, -1, np.int64)
+        out[self.kept] = np.arange(self.kept.shape[0])
+        return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -17,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from runtime.pipeline import Pipeline
-from tools.analyze_entropy import group_assignment, image_names, main, progress, rank_average, spearman_rho
+from tools.analyze_entropy import image_names, main, progress, rank_average, spearman_rho
 from tools.entropy_plots import BORDER, DIM, EDGE, TINT, display_image, group_colors, kept_overlay
 
 F, N = 23, 576
@@ -114,19 +113,29 @@ def test_summary_aggregate_and_notes(summary: dict) -> None:
     assert len(summary["skipped"]) == 1 and summary["skipped"][0].startswith("entropyprune: skipped")
 
 
-def test_group_assignment_reproduces_merge_counts(tiny_bundle: Path, photos) -> None:
+def test_every_result_carries_its_merge_groups(tiny_bundle: Path, photos) -> None:
+    """The pipeline's ``assignment`` (no tool re-derives merge groups) fits kept and counts for every
+    strategy, and equals the groups each merging rule gives."""
+    from runtime.merging import merge_tokens
+    from runtime.strategies.visionzip import contextual_count, contextual_groups
+
     pipeline = Pipeline(tiny_bundle)
     encoded = pipeline.encoder.encode(pipeline.pixel_values(photos["chelsea"]))
-    for strategy in ("entropy", "visionzip", "fastervlm", "divprune"):
-        result = pipeline.prune_encoded(encoded, 64, strategy)
-        assignment = group_assignment(encoded, result)
-        assert assignment is not None, strategy
+    results = {s: pipeline.prune_encoded(encoded, 64, s) for s in ("entropy", "visionzip", "fastervlm", "divprune")}
+    for strategy, result in results.items():
+        assignment = result.assignment
         np.testing.assert_array_equal(assignment[result.kept], np.arange(64), err_msg=strategy)
         members = np.bincount(assignment[assignment >= 0], minlength=64)
         np.testing.assert_array_equal(members, result.counts, err_msg=strategy)
-    # negative control: VisionZip's groups redone by the entropy rule (feature cosine) do not fit
-    visionzip = pipeline.prune_encoded(encoded, 64, "visionzip")
-    assert group_assignment(encoded, dataclasses.replace(visionzip, strategy="entropy")) is None
+    entropy, visionzip = results["entropy"], results["visionzip"]
+    np.testing.assert_array_equal(entropy.assignment, merge_tokens(encoded.features, entropy.kept).assignment)
+    dominant = 64 - contextual_count(64)
+    remaining = np.setdiff1d(np.arange(encoded.num_patches), visionzip.kept[:dominant])
+    _, joined = contextual_groups(encoded.keys, remaining, 64 - dominant)
+    np.testing.assert_array_equal(visionzip.assignment[remaining[joined >= 0]], dominant + joined[joined >= 0])
+    assert (results["fastervlm"].assignment >= 0).sum() == 64  # nothing merged: the rest dropped
+    # negative control: VisionZip's groups redone by the entropy rule (feature cosine) are other groups
+    assert not np.array_equal(merge_tokens(encoded.features, visionzip.kept).assignment, visionzip.assignment)
 
 
 @pytest.mark.llm

@@ -200,3 +200,19 @@ def test_select_dual_rejects_bad_budgets() -> None:
         select_dual(scores, scores[:4], 1, 1)
     with pytest.raises(InputError, match="integer"):
         check_budget(2.0, 8)  # type: ignore[arg-type]
+
+
+def test_selection_assignment_is_checked() -> None:
+    """A merging Selection must say where every patch went, consistently with kept and counts."""
+    from runtime.types import Selection
+
+    kept, tokens = np.array([0, 2]), np.zeros((2, 3), np.float32)
+    good = Selection(kept, tokens, np.array([2, 1]), assignment=np.array([0, 0, 1, -1]))
+    np.testing.assert_array_equal(good.assignment_for(4), [0, 0, 1, -1])
+    np.testing.assert_array_equal(Selection(kept, tokens, np.array([1, 1])).assignment_for(4), [0, -1, 1, -1])
+    with pytest.raises(ValueError, match="must give their assignment"):
+        Selection(kept, tokens, np.array([2, 1]))
+    with pytest.raises(ValueError, match="disagrees with counts"):
+        Selection(kept, tokens, np.array([2, 1]), assignment=np.array([0, 1, 1, -1]))
+    with pytest.raises(ValueError, match="its own position"):
+        Selection(kept, tokens, np.array([2, 1]), assignment=np.array([1, 0, 0, -1]))

@@ -29,15 +29,13 @@ import numpy as np
 from runtime.atomic import write_atomic, write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
-from runtime.merging import merge_tokens
 from runtime.model_registry import bundle_path
-from runtime.pipeline import Pipeline, PrunedImage
+from runtime.pipeline import Pipeline
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
-from runtime.strategies.visionzip import contextual_count, contextual_groups
-from runtime.types import EncoderOutput, ProbeOutput
+from runtime.types import ProbeOutput
 from tools import entropy_plots as plots
 
 ProbeFn = Callable[..., ProbeOutput]  # (image rows [N, E], final=False) -> ProbeOutput
@@ -105,30 +103,6 @@ def image_names(paths: Sequence[Path]) -> list[str]:
     return names
 
 
-def group_assignment(encoded: EncoderOutput, result: PrunedImage) -> np.ndarray | None:
-    """[N] int64: position in ``result.kept`` of the token each patch went into, -1 if dropped.
-
-    Non-merging results (all counts 1) need only ``kept``. Merges are recomputed the strategy's way
-    (``entropy``, merge "mean": nearest kept feature; ``visionzip``: contextual targets by key cosine)
-    and checked against the result's member counts; None when they cannot be reproduced (a merging
-    strategy this tool does not know, or a strategy whose rule changed).
-    """
-    n, k = encoded.num_patches, result.tokens
-    assignment = np.full(n, -1, np.int64)
-    assignment[result.kept] = np.arange(k)
-    if np.all(result.counts == 1):
-        return assignment
-    if result.strategy == "entropy":
-        assignment = merge_tokens(encoded.features, result.kept, "mean").assignment
-    elif result.strategy == "visionzip":
-        dominant = k - contextual_count(k)
-        remaining = np.setdiff1d(np.arange(n, dtype=np.int64), result.kept[:dominant])
-        _, joined = contextual_groups(encoded.keys, remaining, k - dominant)
-        assignment[remaining[joined >= 0]] = dominant + joined[joined >= 0]
-    counts = np.bincount(assignment[assignment >= 0], minlength=k)
-    return assignment if np.array_equal(counts, result.counts) else None
-
-
 def progress(items: Sequence[Any], labels: Sequence[str], stream: TextIO | None = None) -> Iterator[Any]:
     """Yield ``items`` while drawing ``[####------] i/n label`` on stderr (one line per step off a tty)."""
     stream = stream or sys.stderr
@@ -161,12 +135,10 @@ def analyze_image(pipeline: Pipeline, name: str, path: Path, tokens: int, strate
     plots.save_png(plots.heatmaps_figure(rgb, maps, grid, title), out / figures["heatmaps"])
     for strategy in strategies:
         result = chosen if strategy == "entropy" else pipeline.prune_encoded(encoded, tokens, strategy, probe)
-        assignment = group_assignment(encoded, result)
         merged = int((result.counts > 1).sum())
-        caption = (f"{name} · {strategy}: {result.tokens}/{result.num_patches} kept, {merged} merge groups"
-                   f"{'' if assignment is not None else ' (groups not shown)'}")
+        caption = f"{name} · {strategy}: {result.tokens}/{result.num_patches} kept, {merged} merge groups"
         figures[f"kept_{strategy}"] = f"kept_{name}_{strategy}.png"
-        overlay = plots.kept_overlay(rgb, grid, result.kept, assignment)
+        overlay = plots.kept_overlay(rgb, grid, result.kept, result.assignment)
         plots.save_png(plots.kept_figure(overlay, caption), out / figures[f"kept_{strategy}"])
     return ImageAnalysis(
         name=name, source=str(path), shallow=int(l_s), deep=int(l_d),
@@ -232,7 +204,7 @@ def run_analysis(bundle: Path, images: Sequence[Path], out: Path, tokens: int = 
         raise InputError(f"--out {out} exists and is not a directory")
     pipeline = Pipeline(bundle)
     tokens = pipeline.check_budget(tokens)
-    wanted = list(strategies) if strategies is not None else [s for s in available() if s != "none"]
+    wanted = list(strategies) if strategies is not None else [s for s in available() if not get_strategy(s).keeps_all]
     needs_probe = any(get_strategy(s).needs_probe for s in wanted)
     probe = probe_from_manifest(pipeline.manifest, question) if needs_probe else None
     run, notes = check_strategies(wanted, probe is not None)

@@ -168,7 +168,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
     pipeline = Pipeline(config.bundle, threads=config.threads)
     for k in config.tokens:
         pipeline.check_budget(k)
-    names = config.strategies or tuple(sorted(available(), key=lambda s: s != "none"))  # baseline first
+    names = config.strategies or tuple(sorted(available(), key=lambda s: not get_strategy(s).keeps_all))  # baseline 1st
     with ExitStack() as stack:
         llm = _open_llm(config, pipeline.manifest, stack, any(get_strategy(s).needs_probe for s in names))
         skipped = tuple(f"{s}: needs the probe (export.llm)" for s in names
@@ -176,7 +176,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
         skipped += tuple(f"{s}: needs the CLIP text tower (export.clip --text-tower-only)" for s in names
                          if TEXT_TOWER in get_strategy(s).needs and pipeline.manifest.text_tower is None)
         plan = [(s, k) for s in names if not any(x.startswith(f"{s}:") for x in skipped)
-                for k in ((pipeline.num_patches,) if s == "none" else config.tokens)]
+                for k in ((pipeline.num_patches,) if get_strategy(s).keeps_all else config.tokens)]
         log(f"{len(plan)} (strategy, K) pairs × {config.images} images × {config.repeats} repeats; {llm.info.note()}")
         images = [Image.fromarray(a) for a in sample_images(config.images)]
         vision = _vision(pipeline, images, config.repeats)

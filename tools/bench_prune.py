@@ -58,7 +58,7 @@ def bench_bundle(bundle: Path, budgets: list[int], repeats: int, images: int, th
         if TEXT_TOWER in get_strategy(name).needs and pipeline.manifest.text_tower is None:
             rows.append({"bundle": label, "strategy": name, "tokens": "-", "note": "needs the CLIP text tower"})
             continue
-        for k in ([pipeline.num_patches] if name == "none" else budgets):
+        for k in ([pipeline.num_patches] if get_strategy(name).keeps_all else budgets):
             timings: dict[str, list[float]] = {}
             for enc in encoded:
                 for _ in range(repeats):

@@ -1,7 +1,7 @@
 """Kept tokens of a question-aware strategy for several questions on one photo, side by side.
 
 ``python tools/question_overlay.py IMAGE --model BUNDLE --question Q1 --question Q2 [--strategy cdpruner]
-[--tokens 64] [--out question_overlay.png]``
+[--tokens 64] [--caption TEXT] [--out question_overlay.png]``
 
 Each panel shows the encoder's view of the image with the dropped patches dimmed and the kept
 ones framed (``tools/entropy_plots.kept_overlay``). On a bundle of random weights (the tiny test
@@ -23,8 +23,10 @@ from tools.entropy_plots import display_image, kept_overlay, kept_panels_figure,
 
 
 def question_overlays(bundle: Path, image: Path, questions: list[str], strategy: str, tokens: int,
-                      out: Path) -> list[list[int]]:
-    """Prune ``image`` once per question, write the figure to ``out``; the kept indices per question."""
+                      out: Path, caption: str | None = None) -> list[list[int]]:
+    """Prune ``image`` once per question, write the figure to ``out``; the kept indices per question.
+
+    ``caption`` (default: the bundle's folder and the model it was exported from) heads the figure."""
     if len(questions) < 1:
         raise InputError("give at least one --question")
     pipeline = Pipeline(bundle)
@@ -41,7 +43,8 @@ def question_overlays(bundle: Path, image: Path, questions: list[str], strategy:
         overlays.append(kept_overlay(rgb, pipeline.manifest.vision.grid, result.kept, None))
         titles.append(f"{question!r}\n{strategy}, K = {result.tokens}")
     source = pipeline.manifest.data.get("source", {}).get("model", "?")
-    save_png(kept_panels_figure(overlays, titles, f"bundle {bundle.name} (from {Path(str(source)).name})"), out)
+    caption = caption or f"bundle {bundle.resolve().parent.name}/{bundle.name} (exported from {source})"
+    save_png(kept_panels_figure(overlays, titles, caption), out)
     return kept
 
 
@@ -52,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", action="append", default=[], help="a question (repeat for more panels)")
     parser.add_argument("--strategy", default="cdpruner", help="a question-aware strategy (default: cdpruner)")
     parser.add_argument("--tokens", type=int, default=64, help="visual tokens to keep, K (default: 64)")
+    parser.add_argument("--caption", default=None,
+                        help="figure caption (default: the bundle and the model it was exported from)")
     parser.add_argument("--out", type=Path, default=Path("question_overlay.png"),
                         help="PNG to write (default: question_overlay.png)")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        kept = question_overlays(args.model, args.image, args.question, args.strategy, args.tokens, args.out)
+        kept = question_overlays(args.model, args.image, args.question, args.strategy, args.tokens, args.out,
+                                 args.caption)
         shared = set(kept[0]).intersection(*map(set, kept[1:]))
         log(f"wrote {args.out}; {len(shared)} of {len(kept[0])} kept tokens are shared by all questions")
         return 0

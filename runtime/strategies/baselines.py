@@ -22,7 +22,7 @@ class NoOptions:
     """The baselines take no options."""
 
 
-@register("none", NoOptions)
+@register("none", NoOptions, keeps_all=True)
 def keep_all(inputs: PruneInputs, budget: int, options: NoOptions) -> Selection:
     """All N patches in raster order; ``budget`` is ignored (the unpruned reference)."""
     encoded = inputs.encoded

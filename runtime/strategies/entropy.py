@@ -60,7 +60,8 @@ def entropy_strategy(inputs: PruneInputs, budget: int, options: EntropyOptions) 
         "k_s": split.k_s,
         "k_d": split.k_d,
     }
-    return Selection(kept=kept, tokens=merged.tokens, counts=merged.counts, report=report)
+    return Selection(kept=kept, tokens=merged.tokens, counts=merged.counts, report=report,
+                     assignment=merged.assignment)
 
 
 def _layer_pair(name: str, value: Any, ordered: bool) -> tuple[int, int]:

@@ -31,6 +31,7 @@ class Strategy:
     # what it reads besides the encoder's outputs and the projector: PROBE (the language-model probe),
     # QUESTION (the user's question: required, no default prompt), TEXT_TOWER (the CLIP text tower)
     needs: frozenset[str] = frozenset()
+    keeps_all: bool = False  # True: every row is kept whatever the budget (the unpruned baseline, K = N)
 
     @property
     def needs_probe(self) -> bool:
@@ -59,15 +60,17 @@ class Strategy:
 _REGISTRY: dict[str, Strategy] = {}
 
 
-def register(name: str, options: type, needs: tuple[str, ...] = ()) -> Callable[[StrategyFn], StrategyFn]:
-    """Decorator: register ``fn`` under ``name`` with its options dataclass and what it ``needs``."""
+def register(name: str, options: type, needs: tuple[str, ...] = (),
+             keeps_all: bool = False) -> Callable[[StrategyFn], StrategyFn]:
+    """Decorator: register ``fn`` under ``name`` with its options dataclass, what it ``needs`` and
+    whether it ``keeps_all`` rows (callers then use K = N, never the strategy's name)."""
 
     def decorate(fn: StrategyFn) -> StrategyFn:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} registered twice")
         if not set(needs) <= NEEDS:
             raise ValueError(f"strategy {name!r} needs unknown inputs {sorted(set(needs) - NEEDS)}")
-        _REGISTRY[name] = Strategy(name, fn, options, frozenset(needs))
+        _REGISTRY[name] = Strategy(name, fn, options, frozenset(needs), keeps_all)
         return fn
 
     return decorate

@@ -76,8 +76,11 @@ def visionzip_select(features: np.ndarray, cls_attn: np.ndarray, keys: np.ndarra
     tokens = np.concatenate([x[dominant], contextual]).astype(np.float32)
     kept = np.concatenate([dominant, targets])
     counts = np.concatenate([np.ones(dominant.shape[0], np.int64), 1 + members])
+    assignment = np.full(n, -1, np.int64)
+    assignment[kept] = np.arange(kept.shape[0])
+    assignment[remaining[joined]] = dominant.shape[0] + assign[joined]
     report = {"dominant": int(dominant.shape[0]), "contextual": int(count)}
-    return Selection(kept=kept, tokens=tokens, counts=counts, report=report)
+    return Selection(kept=kept, tokens=tokens, counts=counts, report=report, assignment=assignment)
 
 
 @register("visionzip", VisionZipOptions)
