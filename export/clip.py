@@ -4,6 +4,9 @@ Writes ``vision.onnx`` (features, [CLS]→patch attention rows of blocks 1..f, h
 block f; the graph ends at block f), ``projector.onnx`` and ``manifest.json`` (optionally
 ``vision.int8.onnx``) into the bundle's folder ``vision.<export_id>/``; ``manifest.json`` is
 replaced to name them only after validation passed (all or nothing: :mod:`export.bundle_writer`).
+A LLaVA-NeXT checkpoint (``model_type`` "llava_next") adds ``image_newline.npz`` there, the manifest's
+``anyres`` constants and a per-tile check against ``LlavaNextModel.get_image_features``
+(:mod:`export.llava_next`); every manifest names its ``family``.
 
 Then, in a bundle update of its own, the text tower that ``cdpruner`` needs (:mod:`export.clip_text`:
 ``text.<export_id>/`` with text.onnx, image_projection.onnx, tokenizer.json) from the CLIP checkpoint
@@ -23,7 +26,7 @@ from typing import Any
 from export.bundle_writer import LOCK, BundleUpdate, bundle_update, read_manifest, stamp_onnx
 from runtime.bundle_check import file_sha256
 from runtime.cli import OneLineParser, log, positive_int, run_cli
-from runtime.errors import InputError, UserError
+from runtime.errors import InputError, ModelNotFoundError, UserError
 from runtime.model_registry import bundles_home, default_bundle_dir, known_aliases
 
 DEFAULT_OPSET = 18
@@ -62,22 +65,28 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     """
     from export.clip_source import text_source, vision_fingerprint
     from export.diskspace import clean_stale
+    from export.llava_next import family_of
     from export.load import read_json, resolve_model
 
     if out is not None:
         _check_out(out, force)
     log(f"[1/{STEPS}] resolving {model}")
     resolved = resolve_model(model)
-    if "auto_map" in read_json(resolved.path / "config.json"):
+    config = read_json(resolved.path / "config.json")
+    if "auto_map" in config:
         log("  note: the checkpoint's config names remote code (auto_map); it is ignored, never run: "
             "only transformers' own CLIP and LLaVA classes are used")
+    family = family_of(config.get("model_type"))
+    if family != resolved.spec.family:
+        raise ModelNotFoundError(f"{resolved.path} is a {family} checkpoint (config.json model_type "
+                                 f"{config.get('model_type')!r}) but {model} is registered as {resolved.spec.family}")
     out = out or default_bundle_dir(resolved.spec.alias)
     _check_out(out, force)
     source = None if no_text_tower else text_source(model, resolved.spec.clip, resolved.path, text_tower)
     log(f"[2/{STEPS}] loading the vision tower and projector of {resolved.path}")
     clean_stale(out.parent)  # staging folders that killed exports of older versions left beside the bundle
     with bundle_update(out, "vision") as update:
-        manifest, table = _build(resolved, update.folder, opset, int8, validate)
+        manifest, table = _build(resolved, update, opset, int8, validate)
         manifest["vision_sha256"] = vision_fingerprint(resolved.path)
         install_vision(update, manifest)
     if source is None:
@@ -114,24 +123,32 @@ def export_text_only(model: str, out: Path | None = None, opset: int = DEFAULT_O
     return export_text_tower(resolved, out, source, opset, int8, validate, force)
 
 
-def _build(resolved, staging: Path, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
-    """Trace (in a child), validate, (int8) and describe the graphs."""
+def _build(resolved, update: BundleUpdate, opset: int, int8: bool, validate: bool) -> tuple[dict, str]:
+    """Trace (in a child), validate, (int8) and describe the graphs (a LLaVA-NeXT's image_newline.npz too)."""
+    from export.llava_next import NEWLINE_FILE, check_anyres, save_image_newline
     from export.manifest import build_manifest, graph_io
     from export.onnx_export import quantize_int8
     from export.torch_stage import run_in_child
     from export.validate import check_graphs, checked_table, int8_report
 
+    staging = update.folder
     traced = run_in_child(resolved.path, staging, opset, validate, STEPS)
     vc = traced.config.vision_config
     files: dict[str, str | None] = {"vision": "vision.onnx", "projector": "projector.onnx"}
     files.update({f"vision_data_{i}": name for i, name in enumerate(traced.vision_files) if name != "vision.onnx"})
     files.update({f"projector_data_{i}": name for i, name in enumerate(traced.projector_files)
                   if name != "projector.onnx"})
+    if traced.image_newline is not None:
+        save_image_newline(staging / NEWLINE_FILE, traced.image_newline, update.export_id)
+        files["image_newline"] = NEWLINE_FILE
     validation: dict[str, Any] = {"performed": validate, "checks": []}
     table = ""
     if validate:
         log(f"[4/{STEPS}] validating onnxruntime against PyTorch")
         checks = check_graphs(traced.references, staging / "vision.onnx", staging / "projector.onnx", vc.image_size)
+        if traced.anyres is not None:
+            checks += check_anyres(traced.anyres, staging / "vision.onnx", staging / "projector.onnx",
+                                   staging / NEWLINE_FILE)
         validation["checks"] = [c.to_json() for c in checks]
         table = checked_table(checks)
     else:

@@ -73,16 +73,20 @@ def image_processor_config(path: Path) -> dict[str, Any]:
 
 
 def spec_for_checkpoint(path: Path) -> ModelSpec:
-    """A registry-like spec for a local checkpoint: feature layer from config, pad mode from
-    the processor (``do_pad``), the method's default pruning settings."""
+    """A registry-like spec for a local checkpoint: family and feature layer from config, pad mode from
+    the processor (``do_pad``; LLaVA-NeXT's tiles are never padded to a square: "crop"), the
+    method's default pruning settings."""
+    from export.llava_next import family_of
+
     config = read_json(path / "config.json")
     if "vision_config" not in config or "text_config" not in config:
         raise ModelNotFoundError(f"{path}/config.json is not a LLaVA config (no vision_config/text_config)")
-    mode = "pad" if image_processor_config(path).get("do_pad", False) else "crop"
+    family = family_of(config.get("model_type"))
+    pad = family == "llava-1.5" and image_processor_config(path).get("do_pad", False)
     return ModelSpec(
         alias=path.name, repo_id=str(path), revision="local",
-        vision_feature_layer=int(config.get("vision_feature_layer", -2)), image_mode=mode,
-        chat_template="llava-1.5", pruning=PruningDefaults(), entropyprune_layer=2,
+        vision_feature_layer=int(config.get("vision_feature_layer", -2)), image_mode="pad" if pad else "crop",
+        chat_template="llava-1.5", pruning=PruningDefaults(), entropyprune_layer=2, family=family,
     )
 
 
@@ -91,19 +95,28 @@ class VisionHalf:
     """What export.clip needs of a LLaVA: its config, the CLIP tower and the projector
     (float32, eager attention) — never the language model."""
 
-    config: Any  # LlavaConfig
+    config: Any  # LlavaConfig or LlavaNextConfig
     vision_tower: Any  # CLIPVisionModel
-    multi_modal_projector: Any  # LlavaMultiModalProjector
+    multi_modal_projector: Any  # LlavaMultiModalProjector (LlavaNextMultiModalProjector: the same layers)
+    next_model: Any = None  # LLaVA-NeXT only: the LlavaNextModel holding both (and image_newline)
 
     @classmethod
     def of(cls, model: Any) -> VisionHalf:
-        """The vision half of a whole ``LlavaForConditionalGeneration`` (tests, the reference path)."""
-        return cls(model.config, model.model.vision_tower, model.model.multi_modal_projector)
+        """The vision half of a whole ``Llava(Next)ForConditionalGeneration`` (tests, the reference path)."""
+        inner = model.model
+        return cls(model.config, inner.vision_tower, inner.multi_modal_projector,
+                   inner if hasattr(inner, "image_newline") else None)
+
+    @property
+    def image_newline(self) -> Any:
+        """``image_newline [E]`` as float32 numpy (LLaVA-NeXT), else None."""
+        return None if self.next_model is None else self.next_model.image_newline.detach().float().numpy().copy()
 
 
 def load_vision_half(path: Path) -> VisionHalf:
     """Build the CLIP tower and projector from the config and fill them with only their own
-    tensors, read one at a time from the shards (either key layout).
+    tensors, read one at a time from the shards (either key layout); for a LLaVA-NeXT also
+    ``image_newline``, in a ``LlavaNextModel`` whose language model has no layers.
 
     Peak memory is the float32 tower (~1.2 GB for ViT-L) whatever the language model's size:
     loading the whole LLaVA-1.5-7B in float32 would take ~28 GB.
@@ -113,6 +126,7 @@ def load_vision_half(path: Path) -> VisionHalf:
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
     from export.checkpoint import Checkpoint
+    from export.llava_next import family_of, read_image_newline, vision_model
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -122,12 +136,22 @@ def load_vision_half(path: Path) -> VisionHalf:
         raise ModelNotFoundError(f"{path} is not a LLaVA with a CLIP vision tower (config.json vision_config)")
     config.vision_config._attn_implementation = "eager"  # the attention probabilities are exported
     checkpoint = Checkpoint(path)
-    with torch.device("cpu"):
-        tower = CLIPVisionModel(config.vision_config)
-        projector = LlavaMultiModalProjector(config)
+    if family_of(config.model_type) == "llava-next":
+        model = vision_model(config)
+        tower, projector = model.vision_tower, model.multi_modal_projector
+    else:
+        model = None
+        with torch.device("cpu"):
+            tower = CLIPVisionModel(config.vision_config)
+            projector = LlavaMultiModalProjector(config)
     _fill(tower, checkpoint, "pre_layrnorm.weight")
     _fill(projector, checkpoint, "linear_1.weight")
-    return VisionHalf(config, tower.float().eval(), projector.float().eval())
+    if model is not None:
+        newline = read_image_newline(checkpoint, config.text_config.hidden_size)
+        with torch.no_grad():
+            model.image_newline.copy_(torch.from_numpy(newline))
+        model.float().eval()
+    return VisionHalf(config, tower.float().eval(), projector.float().eval(), model)
 
 
 def _fill(module: Any, checkpoint: Any, anchor: str) -> None:

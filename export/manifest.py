@@ -63,13 +63,20 @@ def preprocess_constants(resolved: ResolvedModel, image_size: int) -> dict[str, 
 
 def build_manifest(resolved: ResolvedModel, config: Any, feature_layer: int, opset: int,
                    files: dict[str, str | None], io: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    """The whole manifest as a JSON-able dict (``config``: the checkpoint's LlavaConfig)."""
+    """The whole manifest as a JSON-able dict (``config``: the checkpoint's LlavaConfig or LlavaNextConfig;
+    a LLaVA-NeXT's adds ``anyres``: grid pinpoints, tile side, patch size and base-view side)."""
+    from export.llava_next import anyres_entry, family_of
+
     vc = config.vision_config
     grid = vc.image_size // vc.patch_size
     spec = resolved.spec
+    family = family_of(config.model_type)
+    anyres = {"anyres": anyres_entry(config, image_processor_config(resolved.path))} if family == "llava-next" else {}
     return {
         "schema": SCHEMA,
         "source": {"model": resolved.source, "repo_id": spec.repo_id, "revision": spec.revision},
+        "family": family,
+        **anyres,
         "libraries": library_versions(),
         "opset": opset,
         "files": files,

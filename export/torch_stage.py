@@ -30,10 +30,13 @@ class TorchStage:
     vision_files: tuple[str, ...]  # vision.onnx and its external data, names in the staging folder
     projector_files: tuple[str, ...]  # projector.onnx and its external data
     references: dict[str, dict[str, np.ndarray]]  # case -> output -> array (empty without validation)
+    image_newline: np.ndarray | None = None  # [E] float32, LLaVA-NeXT only: the checkpoint's, exactly
+    anyres: dict[str, np.ndarray] | None = None  # LLaVA-NeXT: export.llava_next.anyres_reference (validation)
 
 
 def run_torch_stage(model_dir: Path, staging: Path, opset: int, validate: bool, steps: int) -> TorchStage:
     """Load, trace and (optionally) compute the references; in whatever process calls it."""
+    from export.llava_next import anyres_reference
     from export.load import load_vision_half
     from export.onnx_export import export_projector, export_vision
     from export.validate import reference_outputs
@@ -51,8 +54,12 @@ def run_torch_stage(model_dir: Path, staging: Path, opset: int, validate: bool, 
     if validate:
         log(f"       computing Hugging Face's reference outputs ({vc.image_size} px, B=1 and B=3)")
     references = reference_outputs(half, f, vc.image_size) if validate else {}
+    anyres = None
+    if validate and half.next_model is not None:
+        log("       computing LlavaNextModel.get_image_features on a sample image (every anyres tile)")
+        anyres = anyres_reference(half, model_dir, f)
     return TorchStage(config, f, tuple(p.name for p in vision_files), tuple(p.name for p in projector_files),
-                      references)
+                      references, half.image_newline, anyres)
 
 
 def _child(conn: Any, args: tuple) -> None:

@@ -143,6 +143,9 @@ class Assistant:
         (see :class:`runtime.llm.LlamaBackend`)."""
         pipeline = Pipeline(bundle, provider, threads, int8)
         data, root = pipeline.manifest.data, pipeline.manifest.root
+        if pipeline.manifest.anyres is not None:
+            raise InputError(f"bundle {root} is LLaVA-NeXT, which chat and the server do not run yet "
+                             "(runtime.prune prunes its images)")
         llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load,
                                   n_gpu_layers=n_gpu_layers)
         opener = (lambda: open_probe(root, data, n_threads=threads)) if "probe" in (data.get("llm") or {}) else None

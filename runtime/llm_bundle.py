@@ -50,10 +50,12 @@ def checked_gguf(root: Path, name: str, role: str, size: int, export_id: str | N
     return path
 
 
-def checked_npz(root: Path, name: str, role: str, size: int, export_id: str, manifest: dict[str, Any]) -> Path:
+def checked_npz(root: Path, name: str, role: str, size: int, export_id: str, manifest: dict[str, Any],
+                exporter: str = "export.llm") -> Path:
     """The bundle's ``.npz`` ``name``: inside the bundle, of the recorded ``size``, and holding
-    ``export_id`` as its ``export_id`` member (read without unpickling anything)."""
-    repair = repair_command(manifest, root, "export.llm")
+    ``export_id`` as its ``export_id`` member (read without unpickling anything); errors name
+    ``exporter``'s command."""
+    repair = repair_command(manifest, root, exporter)
     path = bundle_file(root, name, role, size, repair)
     try:
         with np.load(path, allow_pickle=False) as data:

@@ -194,6 +194,35 @@ class TextTowerInfo:
                       validation=_mapping("text_tower.validation", "any"))
 
 
+FAMILIES = ("llava-1.5", "llava-next")
+
+
+@dataclass(frozen=True)
+class AnyresInfo:
+    """``manifest["anyres"]`` (LLaVA-NeXT, method.md §5): how an image becomes tiles."""
+
+    image_grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) resolutions in pixels
+    crop_size: int  # S: a tile's side, the encoder's input side
+    patch_size: int
+    shortest_edge: int
+
+    @classmethod
+    def from_json(cls, data: object) -> AnyresInfo:
+        """The typed entry; TypeError/ValueError name the first bad field."""
+        def pinpoints(value: object) -> tuple[tuple[int, int], ...]:
+            ok = isinstance(value, list) and value and all(
+                isinstance(p, list) and len(p) == 2 and all(_CHECKS["int"](v) and v > 0 for v in p) for p in value)
+            if not ok:
+                raise TypeError(f"anyres.image_grid_pinpoints must be a list of [height, width] pairs, got {value!r}")
+            return tuple((int(h), int(w)) for h, w in value)
+
+        info = _typed(cls, data, "anyres", image_grid_pinpoints=pinpoints)
+        if min(info.crop_size, info.patch_size, info.shortest_edge) < 1 or info.crop_size % info.patch_size:
+            raise ValueError(f"anyres: crop_size {info.crop_size} must be a positive multiple of patch_size "
+                             f"{info.patch_size}, shortest_edge >= 1")
+        return info
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A parsed, checked manifest; ``root`` is the bundle directory."""
@@ -209,6 +238,14 @@ class Manifest:
     llm: LlmInfo | None  # written by export.llm; None before it ran
     text_tower: TextTowerInfo | None  # written by export.clip unless --no-text-tower; None when absent
     data: dict[str, Any]  # the whole JSON, for reporting
+    family: str = "llava-1.5"  # one of FAMILIES (absent in bundles written before LLaVA-NeXT: 1.5)
+    anyres: AnyresInfo | None = None  # LLaVA-NeXT's tiling; None for LLaVA-1.5
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if (self.family == "llava-next") != (self.anyres is not None):
+            raise ValueError(f"a {self.family} bundle {'needs' if self.anyres is None else 'has no'} anyres entry")
 
     def path(self, role: str) -> Path:
         """The bundle file for ``role`` (``vision``, ``vision_int8``, ``projector``)."""
@@ -244,7 +281,8 @@ def load_manifest(bundle: str | Path) -> Manifest:
             export_id=_export_id(data.get("export_id")),
             llm=None if data.get("llm") is None else LlmInfo.from_json(data["llm"]),
             text_tower=None if data.get("text_tower") is None else TextTowerInfo.from_json(data["text_tower"]),
-            data=data,
+            data=data, family=data.get("family", "llava-1.5"),
+            anyres=None if data.get("anyres") is None else AnyresInfo.from_json(data["anyres"]),
         )
         _check_preprocess(manifest)
         sizes = data["sizes"]

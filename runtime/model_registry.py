@@ -15,6 +15,7 @@ from typing import Any
 from runtime.errors import BundleError, ModelNotFoundError
 
 IMAGE_MODES = ("pad", "crop")
+FAMILIES = ("llava-1.5", "llava-next")  # llava-next: LLaVA-NeXT / 1.6 "anyres" tiles (method.md §5)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,16 @@ class ModelSpec:
     entropyprune_layer: int  # P: image tokens are cut before LLM layer P (method.md §2)
     gguf_quant: str = "q4_k_m"
     clip: str | None = None  # hub id of the CLIP checkpoint the vision tower came from (cdpruner's text side)
+    family: str = "llava-1.5"  # one of FAMILIES; specs written before LLaVA-NeXT have no "family"
 
     def __post_init__(self) -> None:
         if self.image_mode not in IMAGE_MODES:
             raise ValueError(f"image_mode must be one of {IMAGE_MODES}, got {self.image_mode!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "llava-next" and self.image_mode != "crop":
+            raise ValueError(f"llava-next tiles are never padded to a square: image_mode must be 'crop', "
+                             f"got {self.image_mode!r}")
         if self.entropyprune_layer < 1:
             raise ValueError(f"entropyprune_layer must be >= 1, got {self.entropyprune_layer}")
         if self.clip is not None and (not isinstance(self.clip, str) or not self.clip):
@@ -76,6 +83,7 @@ class ModelSpec:
             chat_template=data["chat_template"], pruning=PruningDefaults.from_json(data["pruning"]),
             entropyprune_layer=int(data["entropyprune_layer"]),
             gguf_quant=data.get("gguf", {}).get("quant", "q4_k_m"), clip=data.get("clip"),
+            family=data.get("family", "llava-1.5"),
         )
 
 

@@ -105,7 +105,11 @@ class Pipeline:
         return chosen.make_options(**{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     def pixel_values(self, image: Image.Image | str | Path) -> np.ndarray:
-        """``[3, S, S]`` float32 for an image or a path to one."""
+        """``[3, S, S]`` float32 for an image or a path to one (LLaVA-1.5's single view; a LLaVA-NeXT
+        bundle's images become tiles in :class:`runtime.anyres_pipeline.AnyresPipeline`)."""
+        if self.manifest.anyres is not None:
+            raise InputError(f"bundle {self.manifest.root} is LLaVA-NeXT: its images are cut into tiles, which "
+                             "runtime.prune handles; chat, the server and the benchmarks do not yet")
         if not isinstance(image, Image.Image):
             image = load_image(image)
         return preprocess(image, self.preprocess_config)

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.atomic import write_atomic
 from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
 from runtime.errors import InputError
-from runtime.manifest import load_manifest
+from runtime.manifest import Manifest, load_manifest
 from runtime.model_registry import bundle_path
 from runtime.ort_session import available_providers
 from runtime.pipeline import Pipeline, PrunedImage, require_question
@@ -103,6 +104,40 @@ def save_npz(path: Path, result: PrunedImage) -> None:
     write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
 
 
+def anyres_json(result: PrunedAnyres) -> dict[str, Any]:
+    """The ``--json`` object of a LLaVA-NeXT image: per tile k_t and its strategy report, rows fed."""
+    order = result.order
+    return {
+        "strategy": result.strategy, "family": "llava-next", "tokens": result.tokens, "rows": order.num_rows,
+        "newline_rows": int(order.is_newline.sum()), "total_rows": result.total_rows,
+        "image_size": list(result.image_size), "grid": list(result.grid),
+        "tiles": [{"tile": t.tile, "candidates": t.candidates, "kept": t.kept,
+                   **{k: v for k, v in t.report.items() if k not in ("entropy", "kl")}} for t in result.tiles],
+        "rows_source": [[int(t), int(p)] for t, p in zip(order.source_tile, order.source_patch, strict=True)],
+        "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
+    }
+
+
+def prune_anyres(manifest: Manifest, image: Any, args: argparse.Namespace) -> int:
+    """``runtime.prune`` on a LLaVA-NeXT bundle (prints the summary or ``--json``; ``--save``)."""
+    pipeline = AnyresPipeline(manifest, args.provider, args.threads, args.int8)
+    result = pipeline.prune(image, args.tokens, args.strategy, args.tile_budget, args.newline, args.question,
+                            **method_options(args))
+    if args.json:
+        print(json.dumps(anyres_json(result)))
+    else:
+        per_tile = ", ".join(str(t.kept) for t in result.tiles)
+        print(f"strategy {result.strategy}: kept {result.tokens} tokens over {len(result.tiles)} tiles "
+              f"(k_t: {per_tile}) -> {result.order.num_rows} rows with {int(result.order.is_newline.sum())} "
+              f"newlines (all rows: {result.total_rows})")
+    if args.save:
+        buffer = io.BytesIO()
+        np.savez(buffer, embeddings=result.embeddings, source_tile=result.order.source_tile,
+                 source_patch=result.order.source_patch, is_newline=result.order.is_newline)
+        write_atomic(args.save, lambda handle: handle.write(buffer.getvalue()))
+    return 0
+
+
 def check(bundle: Path) -> int:
     """``--check``: hash every file of ``bundle``; print the table; one line and exit 2 if any differs."""
     from runtime.bundle_check import check_bundle, check_table, require_intact
@@ -121,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="image file (any format Pillow reads; a name that starts with - as ./-photo.jpg or "
                              "after --); not needed with --check")
     add_pipeline_arguments(parser)
+    parser.add_argument("--tile-budget", default="equal", choices=("equal", "perplexity"),
+                        help="LLaVA-NeXT bundles: how K is split across tiles, equal shares or by each tile's "
+                             "[CLS]-attention perplexity (default: equal)")
+    parser.add_argument("--newline", default="rows", choices=("rows", "none"),
+                        help="LLaVA-NeXT bundles: an image_newline row after every packed row that kept a token, "
+                             "or none (default: rows)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--save", type=Path, default=None, help="write embeddings and indices to OUT.npz")
     parser.add_argument("--check", action="store_true",
@@ -140,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         strategy = get_strategy(args.strategy)
         require_question(strategy, args.question)  # before anything loads
         image = load_image(args.image)  # a bad image fails before the sessions load
-        pipeline = Pipeline(bundle_path(args.model), args.provider, args.threads, args.int8)
+        manifest = load_manifest(bundle_path(args.model))
+        if manifest.anyres is not None:
+            return prune_anyres(manifest, image, args)
+        pipeline = Pipeline(manifest, args.provider, args.threads, args.int8)
         probe = None
         if strategy.needs_probe:  # EntropyPrune/FastV/DART: the bundle's llama.cpp probe
             probe = probe_from_manifest(pipeline.manifest, args.question or DEFAULT_QUESTION, n_threads=args.threads)

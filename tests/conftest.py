@@ -90,6 +90,25 @@ def tiny_bundle(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def tiny_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LLaVA-NeXT (1.6 anyres) checkpoint: the towers and tokenizer of ``tiny_llava_dir``,
+    llava-hf v1.6's image_grid_pinpoints, a random O(1) image_newline, ``OUT/clip``."""
+    from tools.make_tiny_llava import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_next"))
+
+
+@pytest.fixture(scope="session")
+def tiny_next_bundle(tiny_next_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaVA-NeXT exported by the CLI ``python -m export.clip`` (validated, with its text tower)."""
+    from export.clip import main
+
+    out = tmp_path_factory.mktemp("tiny_next_bundle") / "bundle"
+    assert main(["--model", str(tiny_next_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_llm_bundle(tiny_bundle: Path, tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny bundle plus ``export.llm --quant f32`` (GGUF, probe, probe weights)."""
     import shutil

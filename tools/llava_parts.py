@@ -1,6 +1,7 @@
-"""Pieces of a LLaVA-1.5 Hugging Face checkpoint shared by the tiny builder (``make_tiny_llava``) and
-the full-shape one (``shape_checkpoint``): processor constants, chat template, the tokenizer with
-``<image>`` and ``<pad>`` added as llava-hf does, the processor, and the attention sharpening.
+"""Pieces of a LLaVA-1.5 / LLaVA-NeXT Hugging Face checkpoint shared by the tiny builder
+(``make_tiny_llava``) and the full-shape one (``shape_checkpoint``): processor constants, chat
+template, the tokenizer with ``<image>`` and ``<pad>`` added as llava-hf does, the processors, and
+the attention sharpening.
 
 transformers and torch are imported inside the functions (the CLIs' ``--help`` stays fast).
 """
@@ -66,6 +67,25 @@ def write_processor(out: Path, tokenizer: Any, image_size: int = IMAGE, patch_si
         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, do_pad=True,
     )
     processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+
+
+def write_next_processor(out: Path, tokenizer: Any, pinpoints: list[list[int]], image_size: int = IMAGE,
+                         patch_size: int = PATCH) -> None:
+    """Save LLaVA-NeXT's ``LlavaNextProcessor`` (anyres tiles of ``image_size``; ``pinpoints``: (h, w)) into ``out``,
+    with llava-hf v1.6's constants (shortest edge = crop = 336, CLIP mean/std, bicubic)."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, image_grid_pinpoints=pinpoints, do_pad=True,
+    )
+    processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, image_token="<image>",
         num_additional_image_tokens=1,

@@ -1,6 +1,6 @@
-"""Write a tiny random LLaVA-1.5 checkpoint that Hugging Face loads like the real one.
+"""Write a tiny random LLaVA-1.5 (or LLaVA-NeXT) checkpoint that Hugging Face loads like the real one.
 
-``python tools/make_tiny_llava.py OUT [--seed S] [--vision-layers 24] [--full-vision]``
+``python tools/make_tiny_llava.py OUT [--family llava-next] [--seed S] [--vision-layers 24] [--full-vision]``
 ``python tools/make_tiny_llava.py OUT --shape llava-1.5-7b [--layout hub] [--text-layers N] [--shard-gb 2.0]``
 
 The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 blocks,
@@ -9,6 +9,9 @@ tokenizer is a byte-fallback SentencePiece BPE trained here on a generated corpu
 kind of model as LLaMA's), with ``<image>`` and ``<pad>`` added as LLaVA-hf does. ``OUT/clip`` is
 the CLIP checkpoint of the same vision tower with a small text tower and a CLIP BPE tokenizer
 (``tools/tiny_clip.py``), as ``openai/clip-vit-large-patch14-336`` is to LLaVA-1.5.
+``--family llava-next`` writes a ``LlavaNextForConditionalGeneration`` with the same towers and tokenizer,
+llava-hf v1.6's ``image_grid_pinpoints``, a random O(1) ``image_newline`` and a ``LlavaNextProcessor``
+(PIL image processor: shortest edge and crop 336).
 
 Peaky attention: with default initialisation every block's [CLS] attention is almost uniform
 (entropy ≈ ln 576), so rankings would be decided by noise. We scale the query/key weights of
@@ -26,10 +29,20 @@ import argparse
 import random
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.llava_parts import IMAGE, PATCH, QK_GAIN, llava_tokenizer, sharpen_attention, write_processor
+from runtime.anyres_preprocess import LLAVA_NEXT_PINPOINTS
+from tools.llava_parts import (
+    IMAGE,
+    PATCH,
+    QK_GAIN,
+    llava_tokenizer,
+    sharpen_attention,
+    write_next_processor,
+    write_processor,
+)
 from tools.tiny_clip import CLIP_L_TEXT, TextTowerShape, build_tiny_clip
 
 CLIP_FOLDER = "clip"  # OUT/clip: the CLIP checkpoint the vision tower came from (cdpruner's text side)
@@ -60,30 +73,28 @@ def _train_tokenizer(workdir: Path, vocab_size: int, seed: int) -> Path:
     return workdir / "tokenizer.model"
 
 
-def build_tiny_llava(
-    out: str | Path,
-    seed: int = 0,
-    vision_layers: int = 24,
-    vision_width: int = 64,
-    vision_heads: int = 4,
-    text_layers: int = 4,
-    text_width: int = 64,
-    qk_gain: tuple[float, float] = QK_GAIN,
-    clip_text: TextTowerShape | None = None,
-) -> Path:
-    """Write the checkpoint to ``out`` and return the path (``clip_text``: the size of OUT/clip's text tower)."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+@dataclass(frozen=True)
+class TinyParts:
+    """What both families share: the tokenizer (saved into OUT) and the tower configs."""
 
-    out = Path(out)
+    tokenizer: Any  # LlamaTokenizer with <image> and <pad>
+    vision: Any  # CLIPVisionConfig: 336 px, patch 14
+    text: Any  # LlamaConfig
+    image_token_index: int
+
+
+def _tiny_parts(out: Path, seed: int, vision_layers: int, vision_width: int, vision_heads: int,
+                text_layers: int, text_width: int) -> TinyParts:
+    """Seed torch, train and save the tokenizer, and describe the CLIP tower and the LLaMA."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig
+
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         sp_model = _train_tokenizer(Path(tmp), vocab_size=512, seed=seed)
         (out / "tokenizer.model").write_bytes(sp_model.read_bytes())
     tokenizer = llava_tokenizer(out)
-    image_token_index = tokenizer.convert_tokens_to_ids("<image>")
-
     vision = CLIPVisionConfig(
         hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
         num_attention_heads=vision_heads, image_size=IMAGE, patch_size=PATCH, projection_dim=vision_width,
@@ -95,22 +106,86 @@ def build_tiny_llava(
         max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=len(tokenizer) - 1, tie_word_embeddings=False,
     )
-    config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=image_token_index,
+    return TinyParts(tokenizer, vision, text, tokenizer.convert_tokens_to_ids("<image>"))
+
+
+def _llava_config_args(parts: TinyParts) -> dict[str, Any]:
+    """The LlavaConfig / LlavaNextConfig arguments both families share."""
+    return dict(
+        vision_config=parts.vision, text_config=parts.text, image_token_index=parts.image_token_index,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-        image_seq_length=(IMAGE // PATCH) ** 2, pad_token_id=len(tokenizer) - 1,
+        image_seq_length=(IMAGE // PATCH) ** 2, pad_token_id=len(parts.tokenizer) - 1,
     )
-    model = LlavaForConditionalGeneration(config).eval()
+
+
+def _randomise(model: Any, qk_gain: tuple[float, float], seed: int) -> None:
+    """Peaky CLIP attention, and O(1) activations so that numeric bugs (e.g. tanh GELU) show up."""
+    import torch
+
     sharpen_attention(model.model.vision_tower, qk_gain, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # O(1) activations so that numeric bugs (e.g. tanh GELU) show up
+    with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.5, generator=gen)
         for linear in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             linear.weight.normal_(0.0, 2.0 / linear.in_features**0.5, generator=gen)
+
+
+def build_tiny_llava(
+    out: str | Path,
+    seed: int = 0,
+    vision_layers: int = 24,
+    vision_width: int = 64,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_width: int = 64,
+    qk_gain: tuple[float, float] = QK_GAIN,
+    clip_text: TextTowerShape | None = None,
+) -> Path:
+    """Write the LLaVA-1.5 checkpoint to ``out`` and return the path (``clip_text``: the size of OUT/clip's
+    text tower)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    out = Path(out)
+    parts = _tiny_parts(out, seed, vision_layers, vision_width, vision_heads, text_layers, text_width)
+    model = LlavaForConditionalGeneration(LlavaConfig(**_llava_config_args(parts))).eval()
+    _randomise(model, qk_gain, seed)
     model.save_pretrained(out)
-    write_processor(out, tokenizer)
+    write_processor(out, parts.tokenizer)
     build_tiny_clip(out / CLIP_FOLDER, model.model.vision_tower, _WORDS, seed, clip_text or TextTowerShape())
     return out
+
+
+def build_tiny_llava_next(
+    out: str | Path,
+    seed: int = 0,
+    vision_layers: int = 24,
+    vision_width: int = 64,
+    vision_heads: int = 4,
+    text_layers: int = 4,
+    text_width: int = 64,
+    qk_gain: tuple[float, float] = QK_GAIN,
+    clip_text: TextTowerShape | None = None,
+) -> Path:
+    """Write a LLaVA-NeXT (1.6, anyres) checkpoint to ``out``: the 1.5 towers plus llava-hf v1.6's
+    ``image_grid_pinpoints`` and a random O(1) ``image_newline``; returns the path."""
+    import torch
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    out = Path(out)
+    parts = _tiny_parts(out, seed, vision_layers, vision_width, vision_heads, text_layers, text_width)
+    pinpoints = [list(p) for p in LLAVA_NEXT_PINPOINTS]
+    config = LlavaNextConfig(**_llava_config_args(parts), image_grid_pinpoints=pinpoints)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _randomise(model, qk_gain, seed)
+    with torch.no_grad():  # HF draws it at 1/sqrt(E); O(1) makes a misplaced newline row stand out
+        model.model.image_newline.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed + 2))
+    model.save_pretrained(out)
+    write_next_processor(out, parts.tokenizer, pinpoints)
+    build_tiny_clip(out / CLIP_FOLDER, model.model.vision_tower, _WORDS, seed, clip_text or TextTowerShape())
+    return out
+
+
+BUILDERS = {"llava-1.5": build_tiny_llava, "llava-next": build_tiny_llava_next}
 
 
 def _positive(kind: type) -> Any:
@@ -134,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="make_tiny_llava", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory to write the checkpoint into")
+    parser.add_argument("--family", choices=tuple(BUILDERS), default="llava-1.5",
+                        help="llava-1.5, or llava-next: LLaVA-NeXT (1.6) anyres, image_newline and "
+                             "image_grid_pinpoints (default: llava-1.5)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--vision-layers", type=_positive(int), default=None,
                         help="CLIP blocks of the tiny model (default: 24)")
@@ -161,13 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(k for k, v in shape_only.items() if v is not None)} only with --shape")
     if args.shape is not None and (args.full_vision or args.vision_layers is not None):
         parser.error("--full-vision and --vision-layers are for the tiny model, not with --shape")
+    if args.shape is not None and args.family != "llava-1.5":
+        parser.error("--shape writes llava-1.5 checkpoints only, not with --family llava-next")
 
     def body() -> int:
         if args.shape is None:
             width, heads = (1024, 16) if args.full_vision else (64, 4)
-            path = build_tiny_llava(args.out, seed=args.seed, vision_layers=args.vision_layers or 24,
-                                    vision_width=width, vision_heads=heads,
-                                    clip_text=CLIP_L_TEXT if args.full_vision else None)
+            path = BUILDERS[args.family](args.out, seed=args.seed, vision_layers=args.vision_layers or 24,
+                                         vision_width=width, vision_heads=heads,
+                                         clip_text=CLIP_L_TEXT if args.full_vision else None)
         else:
             from tools.shape_checkpoint import write_shape_checkpoint
 

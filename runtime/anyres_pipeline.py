@@ -1,0 +1,201 @@
+"""LLaVA-NeXT (method.md §5): image → tiles → encoder → per-tile pruning → packed rows with newlines.
+
+``AnyresPipeline(bundle).prune(image, tokens=320, strategy="entropy") -> PrunedAnyres``. The
+tiles (base view first, then the grid row-major) go through the bundle's ONNX encoder as one
+batch; K is split across tiles (``tile_budget``: ``equal`` or ``perplexity``, ``runtime.tile_budget``);
+each tile is pruned on its own candidates with its own distributions; the kept tokens are
+projected and laid out in the packed order with ``image_newline`` rows (``runtime.anyres_pack``).
+Choices where method.md is silent:
+
+- A tile's candidates are its patches that unpadding keeps; the strategy sees the tile's encoder
+  outputs restricted to them (``features``, ``keys`` and the ``cls_attn`` columns; the [CLS]
+  distributions are renormalised over the candidates by ``runtime.scoring``), so a padding patch
+  is never kept, a merge target or a member.
+- ``perplexity`` weighs tile t by ``exp(H_t(l_d))`` with ``l_d`` the tile's own deep layer, chosen
+  by the bundle's entropy defaults (rule and ranges) unless the options give others.
+- Probe strategies (entropyprune, fastv, dart) are refused for now: their probe would have to see
+  every tile's rows in one prompt, which is not wired yet. ``cdpruner`` runs per tile with the one
+  question.
+- A tile whose share is 0 keeps nothing (the strategies need K >= 1, so they are not run on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from runtime.anyres_pack import PackedLayout, PackedOrder, gather_rows, pack_kept, packed_layout
+from runtime.anyres_preprocess import AnyresConfig, AnyresPixels, preprocess_anyres
+from runtime.errors import BundleError, InputError, SettingError
+from runtime.llm_bundle import checked_npz
+from runtime.manifest import Manifest, load_manifest, repair_command
+from runtime.pipeline import Pipeline, require_question
+from runtime.preprocess import load_image
+from runtime.scoring import layer_distributions, layer_entropy
+from runtime.selection import choose_layers
+from runtime.strategies.registry import PROBE, TEXT_TOWER, get_strategy
+from runtime.tile_budget import MODES, split_tile_budget
+from runtime.types import EncoderOutput, PruneInputs, Selection
+
+NEWLINE_MODES = ("rows", "none")
+
+
+@dataclass(frozen=True)
+class TileReport:
+    """What one tile kept (tile 0 = base view)."""
+
+    tile: int
+    candidates: int  # patches left after unpadding
+    kept: int  # k_t
+    report: Mapping[str, Any]  # the strategy's own report on this tile (layers, ...)
+
+
+@dataclass(frozen=True)
+class PrunedAnyres:
+    """One LLaVA-NeXT image as rows for the language model."""
+
+    embeddings: np.ndarray  # [R, E] float32: kept tokens and newline rows in packed order
+    order: PackedOrder  # where each row comes from (tile, patch) and its position in the full pack
+    tiles: tuple[TileReport, ...]  # per tile, base first
+    strategy: str
+    total_rows: int  # rows of the unpruned pack (newlines included): `none` feeds all of them
+    image_size: tuple[int, int]  # (height, width)
+    grid: tuple[int, int]  # (rows, cols) of grid tiles
+    timings_ms: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens fed (newline rows excluded): what the budget K counts."""
+        return self.order.num_tokens
+
+
+class AnyresPipeline:
+    """A LLaVA-NeXT bundle's encoder, projector and ``image_newline`` (see the module docstring)."""
+
+    def __init__(self, bundle: str | Path | Manifest, provider: str | None = None, threads: int | None = None,
+                 int8: bool = False) -> None:
+        manifest = bundle if isinstance(bundle, Manifest) else load_manifest(bundle)
+        if manifest.anyres is None:
+            raise BundleError(f"bundle {manifest.root} is {manifest.family}, not LLaVA-NeXT; use runtime.pipeline")
+        self.base = Pipeline(manifest, provider, threads, int8)
+        self.manifest, anyres = manifest, manifest.anyres
+        pre = manifest.preprocess
+        self.config = AnyresConfig(anyres.image_grid_pinpoints, anyres.crop_size, anyres.shortest_edge,
+                                   tuple(pre["image_mean"]), tuple(pre["image_std"]))
+        self.newline = _load_newline(manifest)
+
+    def pixels(self, image: Image.Image | str | Path) -> AnyresPixels:
+        return preprocess_anyres(image if isinstance(image, Image.Image) else load_image(image), self.config)
+
+    def layout(self, pixels: AnyresPixels) -> PackedLayout:
+        anyres = self.manifest.anyres
+        return packed_layout(pixels.image_size, anyres.image_grid_pinpoints, anyres.crop_size, anyres.patch_size)
+
+    def prune(self, image: Image.Image | str | Path, tokens: int = 320, strategy: str = "entropy",
+              tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
+              **options: Any) -> PrunedAnyres:
+        """Every stage on one image; ``options`` are the strategy's keyword options."""
+        chosen = get_strategy(strategy)
+        if PROBE in chosen.needs:
+            raise InputError(f"strategy {strategy!r} reads the language-model probe, which is not wired for "
+                             "LLaVA-NeXT bundles yet; use a vision strategy or cdpruner")
+        if tile_budget not in MODES:
+            raise SettingError("tile_budget", f"must be one of {', '.join(MODES)}, got {tile_budget!r}")
+        if newline not in NEWLINE_MODES:
+            raise SettingError("newline", f"must be one of {', '.join(NEWLINE_MODES)}, got {newline!r}")
+        require_question(chosen, question)
+        opts = self.base.options_for(strategy, options)
+        start = time.perf_counter()
+        pixels = self.pixels(image)
+        middle = time.perf_counter()
+        encoded = self.base.encoder.encode_batch(pixels.pixel_values)
+        timings = {"preprocess": 1000 * (middle - start), "encode": 1000 * (time.perf_counter() - middle)}
+        layout = self.layout(pixels)
+        cands = [layout.candidates(t) for t in range(layout.num_tiles)]
+        caps = np.array([c.shape[0] for c in cands], np.int64)
+        start = time.perf_counter()
+        if chosen.keeps_all:
+            budgets = caps
+        else:
+            if not 1 <= tokens <= int(caps.sum()):
+                raise SettingError("tokens", f"must be in 1..{int(caps.sum())} (the image's candidate patches over "
+                                             f"{layout.num_tiles} tiles), got {tokens}")
+            entropy = _deep_entropy(encoded, cands, opts) if tile_budget == "perplexity" else None
+            budgets = split_tile_budget(tokens, caps, tile_budget, entropy)
+        clip = self.base.clip_space() if TEXT_TOWER in chosen.needs else None
+        kept, selections = [], []
+        for tile, k in enumerate(budgets):
+            selection = _prune_tile(encoded[tile], cands[tile], int(k), chosen, opts, question, self.base, clip)
+            kept.append(cands[tile][selection.kept] if selection is not None else np.zeros(0, np.int64))
+            selections.append(selection)
+        order = pack_kept(kept[0], kept[1:], layout, newline)
+        timings["prune"] = 1000 * (time.perf_counter() - start)
+        start = time.perf_counter()
+        rows = self._rows(selections, kept, layout, order)
+        timings["project"] = 1000 * (time.perf_counter() - start)
+        reports = tuple(TileReport(t, int(caps[t]), int(kept[t].shape[0]), dict(s.report) if s else {})
+                        for t, s in enumerate(selections))
+        return PrunedAnyres(rows, order, reports, strategy, layout.total_rows, pixels.image_size, pixels.grid, timings)
+
+    def _rows(self, selections: list[Selection | None], kept: list[np.ndarray], layout: PackedLayout,
+              order: PackedOrder) -> np.ndarray:
+        """Project every kept token once and lay the rows out in ``order`` (newlines included)."""
+        n, width = layout.patches_per_tile, int(self.newline.shape[0])
+        projected = np.zeros((layout.num_tiles, n, width), np.float32)
+        for tile, selection in enumerate(selections):
+            if selection is not None:
+                projected[tile, kept[tile]] = self.base.projector(selection.tokens)
+        return gather_rows(projected[0], projected[1:], self.newline, order, layout)
+
+
+def _restricted(encoded: EncoderOutput, candidates: np.ndarray) -> EncoderOutput:
+    """A tile's encoder outputs on its candidate patches only."""
+    return EncoderOutput(encoded.features[candidates], encoded.cls_attn[:, :, candidates], encoded.keys[candidates])
+
+
+def _prune_tile(encoded: EncoderOutput, candidates: np.ndarray, budget: int, strategy: Any, options: Any,
+                question: str | None, base: Pipeline, clip: Any) -> Selection | None:
+    """The strategy on one tile's candidates (indices into ``candidates``); None when it keeps nothing."""
+    if budget == 0:
+        return None
+    tile = _restricted(encoded, candidates)
+    inputs = PruneInputs(tile, base.projector, None, question, clip.text if clip else None,
+                         clip.image if clip else None)
+    return strategy.run(inputs, budget, options)
+
+
+def _deep_entropy(encoded: list[EncoderOutput], candidates: list[np.ndarray], options: Any) -> np.ndarray:
+    """``H_t(l_d)`` [T]: each tile's [CLS] entropy at its own deep layer (the entropy rule's choice)."""
+    fields = {f.name for f in dataclasses.fields(options)}
+    defaults = {k: getattr(options, k) for k in ("rule", "shallow", "deep", "fixed") if k in fields}
+    out = []
+    for tile, cand in zip(encoded, candidates, strict=True):
+        if not cand.size:  # a tile unpadding removed entirely: its cap is 0 anyway
+            out.append(0.0)
+            continue
+        entropy = layer_entropy(layer_distributions(tile.cls_attn[:, :, cand]))
+        out.append(float(entropy[choose_layers(entropy, **defaults).deep - 1]))
+    return np.asarray(out, np.float64)
+
+
+def _load_newline(manifest: Manifest) -> np.ndarray:
+    """``image_newline`` [E] float32 from ``image_newline.npz`` (checked: inside the bundle, size, export id)."""
+    name = manifest.files.get("image_newline")
+    if name is None:
+        raise BundleError(f"bundle {manifest.root} has no image_newline; "
+                          f"{repair_command(manifest.data, manifest.root, 'export.clip')}")
+    path = checked_npz(manifest.root, name, "image_newline", manifest.data["sizes"][name], manifest.export_id,
+                       manifest.data, exporter="export.clip")
+    with np.load(path, allow_pickle=False) as data:
+        newline = np.asarray(data["image_newline"], np.float32)
+    if newline.ndim != 1 or newline.shape[0] != manifest.vision.projector_dim or not np.isfinite(newline).all():
+        raise BundleError(f"{path}: image_newline must be [{manifest.vision.projector_dim}] finite floats, got "
+                          f"{newline.shape}; {repair_command(manifest.data, manifest.root, 'export.clip')}")
+    return newline
