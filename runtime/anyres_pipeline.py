@@ -58,6 +58,15 @@ class TileReport:
 
 
 @dataclass(frozen=True)
+class AnyresEncoded:
+    """One image's tiles and what the encoder made of them (the input of every strategy)."""
+
+    pixels: AnyresPixels
+    tiles: tuple[EncoderOutput, ...]  # T, base view first
+    timings_ms: Mapping[str, float]  # preprocess, encode
+
+
+@dataclass(frozen=True)
 class PrunedAnyres:
     """One LLaVA-NeXT image as rows for the language model."""
 
@@ -74,6 +83,11 @@ class PrunedAnyres:
     def tokens(self) -> int:
         """Image tokens fed (newline rows excluded): what the budget K counts."""
         return self.order.num_tokens
+
+    @property
+    def num_patches(self) -> int:
+        """Candidate patches over all tiles (unpadded ones excluded): the most K can be."""
+        return sum(t.candidates for t in self.tiles)
 
 
 class AnyresPipeline:
@@ -98,10 +112,25 @@ class AnyresPipeline:
         anyres = self.manifest.anyres
         return packed_layout(pixels.image_size, anyres.image_grid_pinpoints, anyres.crop_size, anyres.patch_size)
 
+    def encode(self, image: Image.Image | str | Path | AnyresPixels) -> AnyresEncoded:
+        """Tiles of ``image`` (or its already computed pixels) through the encoder as one batch."""
+        start = time.perf_counter()
+        pixels = image if isinstance(image, AnyresPixels) else self.pixels(image)
+        middle = time.perf_counter()
+        encoded = self.base.encoder.encode_batch(pixels.pixel_values)
+        timings = {"preprocess": 1000 * (middle - start), "encode": 1000 * (time.perf_counter() - middle)}
+        return AnyresEncoded(pixels, tuple(encoded), timings)
+
     def prune(self, image: Image.Image | str | Path, tokens: int = 320, strategy: str = "entropy",
               tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
               **options: Any) -> PrunedAnyres:
         """Every stage on one image; ``options`` are the strategy's keyword options."""
+        return self.prune_encoded(self.encode(image), tokens, strategy, tile_budget, newline, question, **options)
+
+    def prune_encoded(self, encoded: AnyresEncoded, tokens: int = 320, strategy: str = "entropy",
+                      tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
+                      **options: Any) -> PrunedAnyres:
+        """Split K, prune each tile, project and pack an encoded image."""
         chosen = get_strategy(strategy)
         if PROBE in chosen.needs:
             raise InputError(f"strategy {strategy!r} reads the language-model probe, which is not wired for "
@@ -112,11 +141,7 @@ class AnyresPipeline:
             raise SettingError("newline", f"must be one of {', '.join(NEWLINE_MODES)}, got {newline!r}")
         require_question(chosen, question)
         opts = self.base.options_for(strategy, options)
-        start = time.perf_counter()
-        pixels = self.pixels(image)
-        middle = time.perf_counter()
-        encoded = self.base.encoder.encode_batch(pixels.pixel_values)
-        timings = {"preprocess": 1000 * (middle - start), "encode": 1000 * (time.perf_counter() - middle)}
+        pixels, timings = encoded.pixels, dict(encoded.timings_ms)
         layout = self.layout(pixels)
         cands = [layout.candidates(t) for t in range(layout.num_tiles)]
         caps = np.array([c.shape[0] for c in cands], np.int64)
@@ -127,12 +152,16 @@ class AnyresPipeline:
             if not 1 <= tokens <= int(caps.sum()):
                 raise SettingError("tokens", f"must be in 1..{int(caps.sum())} (the image's candidate patches over "
                                              f"{layout.num_tiles} tiles), got {tokens}")
-            entropy = _deep_entropy(encoded, cands, opts) if tile_budget == "perplexity" else None
+            entropy = _deep_entropy(encoded.tiles, cands, opts) if tile_budget == "perplexity" else None
             budgets = split_tile_budget(tokens, caps, tile_budget, entropy)
-        clip = self.base.clip_space() if TEXT_TOWER in chosen.needs else None
+        clip = None
+        if TEXT_TOWER in chosen.needs:  # the question's text embeddings once per image, V per tile
+            space = self.base.clip_space()
+            text = space.text(question)
+            clip = (lambda _question: text, space.image)
         kept, selections = [], []
         for tile, k in enumerate(budgets):
-            selection = _prune_tile(encoded[tile], cands[tile], int(k), chosen, opts, question, self.base, clip)
+            selection = _prune_tile(encoded.tiles[tile], cands[tile], int(k), chosen, opts, question, self.base, clip)
             kept.append(cands[tile][selection.kept] if selection is not None else np.zeros(0, np.int64))
             selections.append(selection)
         order = pack_kept(kept[0], kept[1:], layout, newline)
@@ -161,17 +190,17 @@ def _restricted(encoded: EncoderOutput, candidates: np.ndarray) -> EncoderOutput
 
 
 def _prune_tile(encoded: EncoderOutput, candidates: np.ndarray, budget: int, strategy: Any, options: Any,
-                question: str | None, base: Pipeline, clip: Any) -> Selection | None:
-    """The strategy on one tile's candidates (indices into ``candidates``); None when it keeps nothing."""
+                question: str | None, base: Pipeline, clip: tuple[Any, Any] | None) -> Selection | None:
+    """The strategy on one tile's candidates (indices into ``candidates``); None when it keeps nothing.
+    ``clip``: (question -> T, features -> V) for cdpruner."""
     if budget == 0:
         return None
     tile = _restricted(encoded, candidates)
-    inputs = PruneInputs(tile, base.projector, None, question, clip.text if clip else None,
-                         clip.image if clip else None)
+    inputs = PruneInputs(tile, base.projector, None, question, *(clip or (None, None)))
     return strategy.run(inputs, budget, options)
 
 
-def _deep_entropy(encoded: list[EncoderOutput], candidates: list[np.ndarray], options: Any) -> np.ndarray:
+def _deep_entropy(encoded: tuple[EncoderOutput, ...], candidates: list[np.ndarray], options: Any) -> np.ndarray:
     """``H_t(l_d)`` [T]: each tile's [CLS] entropy at its own deep layer (the entropy rule's choice)."""
     fields = {f.name for f in dataclasses.fields(options)}
     defaults = {k: getattr(options, k) for k in ("rule", "shallow", "deep", "fixed") if k in fields}

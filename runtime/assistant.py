@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from runtime.anyres_pipeline import NEWLINE_MODES, AnyresPipeline, PrunedAnyres
 from runtime.errors import InputError, SettingError
 from runtime.llm import LlamaBackend
 from runtime.llm_bundle import open_language_model
+from runtime.manifest import load_manifest
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import LlamaProbe, open_probe
@@ -39,9 +41,11 @@ from runtime.template import (
     encode_prompt,
     get_template,
 )
+from runtime.tile_budget import MODES
 from runtime.types import EncoderOutput
 
 STOP = ("</s>",)
+Pruned = PrunedImage | PrunedAnyres  # one image's rows: LLaVA-1.5's single view or LLaVA-NeXT's tiles
 ENCODED_IMAGES = 4  # encoder outputs kept by pixel digest (~3.5 MB each for CLIP-L)
 
 
@@ -58,6 +62,8 @@ class Settings:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings (never emitted), besides "</s>"
     reprune: bool = False  # question-dependent strategies: prune again for every question (else the first)
+    tile_budget: str = "equal"  # LLaVA-NeXT: how K is split across tiles (runtime.tile_budget.MODES)
+    newline: str = "rows"  # LLaVA-NeXT: image_newline rows after packed rows that kept a token, or "none"
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -66,6 +72,10 @@ class Settings:
             raise InputError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InputError(f"the seed must be in 0..2**63-1, got {self.seed}")
+        if self.tile_budget not in MODES:
+            raise SettingError("tile_budget", f"must be one of {', '.join(MODES)}, got {self.tile_budget!r}")
+        if self.newline not in NEWLINE_MODES:
+            raise SettingError("newline", f"must be one of {', '.join(NEWLINE_MODES)}, got {self.newline!r}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +129,10 @@ class Assistant:
     """A LLaVA conversation about one image, answered by the bundle's language model."""
 
     def __init__(self, pipeline: Pipeline, llm: LlamaBackend, template: ChatTemplate,
-                 settings: Settings = Settings(), probe_opener: Callable[[], LlamaProbe] | None = None) -> None:
+                 settings: Settings = Settings(), probe_opener: Callable[[], LlamaProbe] | None = None,
+                 tiles: AnyresPipeline | None = None) -> None:
         self.pipeline, self.llm, self.template = pipeline, llm, template
+        self.tiles = tiles  # LLaVA-NeXT bundles: images become tiles (``pipeline`` is its base)
         self.settings = settings
         self._probe_opener, self._probe = probe_opener, None
         self.conversation = Conversation(has_image=False)
@@ -129,7 +141,7 @@ class Assistant:
         self.notice: str | None = None  # something the user should know about the last answer
         self._options: dict[str, Mapping[str, Any]] = {}  # strategy -> its options, while another is used
         self._encoded: OrderedDict[str, EncoderOutput] = OrderedDict()  # pixel digest -> encoder output (LRU)
-        self._pruned: tuple[tuple, PrunedImage] | None = None
+        self._pruned: tuple[tuple, Pruned] | None = None
         self._repruned_ms: float | None = None  # set when this turn pruned the image again for its question
         self.last_stats: TurnStats | None = None
 
@@ -141,15 +153,14 @@ class Assistant:
 
         ``n_ctx`` (default 2048), ``kv_type`` and ``load`` size the language model's memory
         (see :class:`runtime.llm.LlamaBackend`)."""
-        pipeline = Pipeline(bundle, provider, threads, int8)
-        data, root = pipeline.manifest.data, pipeline.manifest.root
-        if pipeline.manifest.anyres is not None:
-            raise InputError(f"bundle {root} is LLaVA-NeXT, which chat and the server do not run yet "
-                             "(runtime.prune prunes its images)")
+        manifest = load_manifest(bundle)
+        tiles = AnyresPipeline(manifest, provider, threads, int8) if manifest.anyres is not None else None
+        pipeline = tiles.base if tiles is not None else Pipeline(manifest, provider, threads, int8)
+        data, root = manifest.data, manifest.root
         llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load,
                                   n_gpu_layers=n_gpu_layers)
         opener = (lambda: open_probe(root, data, n_threads=threads)) if "probe" in (data.get("llm") or {}) else None
-        assistant = cls(pipeline, llm, get_template(pipeline.manifest.chat_template), settings, opener)
+        assistant = cls(pipeline, llm, get_template(pipeline.manifest.chat_template), settings, opener, tiles)
         assistant.update(tokens=settings.tokens, strategy=settings.strategy)  # validate early
         return assistant
 
@@ -164,12 +175,13 @@ class Assistant:
             return
         start = time.perf_counter()
         loaded = image if isinstance(image, Image.Image) else load_image(image)
-        pixels = self.pipeline.pixel_values(loaded)
-        digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+        pixels = self.tiles.pixels(loaded) if self.tiles else self.pipeline.pixel_values(loaded)
+        values = pixels.pixel_values if self.tiles else pixels
+        digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
         middle = time.perf_counter()
         encoded = self._encoded.pop(digest, None)
         if encoded is None:  # not among the last ENCODED_IMAGES images
-            encoded = self.pipeline.encoder.encode(pixels)
+            encoded = self.tiles.encode(pixels) if self.tiles else self.pipeline.encoder.encode(pixels)
         self._encoded[digest] = encoded
         while len(self._encoded) > ENCODED_IMAGES:
             self._encoded.popitem(last=False)
@@ -199,7 +211,7 @@ class Assistant:
             self._options[self.settings.strategy] = self.settings.options
             changes = {**changes, "options": self._options.get(changes["strategy"], {})}
         settings = replace(self.settings, **changes)
-        if not get_strategy(settings.strategy).keeps_all:
+        if not get_strategy(settings.strategy).keeps_all and self.tiles is None:  # tiles: checked per image
             self.pipeline.check_budget(settings.tokens)
         self.pipeline.options_for(settings.strategy, settings.options)
         self.settings = settings
@@ -251,18 +263,18 @@ class Assistant:
     def _add_notice(self, text: str) -> None:
         self.notice = f"{self.notice}; {text}" if self.notice else text
 
-    def _pieces(self, prompt: PromptTokens, pruned: PrunedImage | None) -> list[PromptPiece]:
+    def _pieces(self, prompt: PromptTokens, pruned: Pruned | None) -> list[PromptPiece]:
         """Token ids and image rows in order; the rows are keyed by image digest and prune settings."""
         if not prompt.has_image or pruned is None:
             return [prompt.prefix]
         key = (self.image_digest, self._pruned[0] if self._pruned else None)
         return [prompt.prefix, ImageRows(key, pruned.embeddings), prompt.suffix]
 
-    def _fit(self, conversation: Conversation, pruned: PrunedImage | None) -> tuple[Conversation, PromptTokens]:
+    def _fit(self, conversation: Conversation, pruned: Pruned | None) -> tuple[Conversation, PromptTokens]:
         """Drop the oldest turns until the prompt leaves room for an answer (``max_tokens``, at
         most a quarter of the context). The system line and the image stay: the image moves to
         the first question that is kept, where LLaVA-1.5's template puts it."""
-        rows = pruned.tokens if pruned is not None and conversation.has_image else 0
+        rows = pruned.embeddings.shape[0] if pruned is not None and conversation.has_image else 0
         room = min(self.settings.max_tokens, self.llm.n_ctx // 4)
         dropped = 0
         while True:
@@ -276,7 +288,7 @@ class Assistant:
             self._add_notice(f"dropped the {dropped} oldest turn(s) to fit the {self.llm.n_ctx}-position context")
         return conversation, prompt
 
-    def _prune(self, conversation: Conversation) -> tuple[PrunedImage | None, dict[str, float]]:
+    def _prune(self, conversation: Conversation) -> tuple[Pruned | None, dict[str, float]]:
         """The pruned image for the current settings (cached), with the vision timings it cost."""
         if self._image is None:
             return None, {}
@@ -285,7 +297,8 @@ class Assistant:
         # the question the image is pruned for: the first one asked about it, or with reprune the current one
         question = conversation.turns[-1 if s.reprune else 0].question
         reads_question = strategy.needs_probe or strategy.needs_question
-        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), question if reads_question else "")
+        key = (s.tokens, s.strategy, tuple(sorted(s.options.items())), s.tile_budget, s.newline,
+               question if reads_question else "")
         if self._pruned is not None and self._pruned[0] == key:
             return self._pruned[1], {}
         encoded, vision_ms = self._image
@@ -293,8 +306,12 @@ class Assistant:
         if strategy.needs_probe:  # the probe sees a one-turn prompt with that question
             alone = Conversation((Turn(question),), has_image=True)
             probe = self._bound_probe(encode_prompt(conversation_segments(alone, self.template), self.llm))
-        pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, question, **s.options)
-        if self._pruned is not None and reads_question and self._pruned[0][:3] == key[:3]:
+        if self.tiles is not None:
+            pruned = self.tiles.prune_encoded(encoded, s.tokens, s.strategy, s.tile_budget, s.newline, question,
+                                              **s.options)
+        else:
+            pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, question, **s.options)
+        if self._pruned is not None and reads_question and self._pruned[0][:-1] == key[:-1]:
             self._repruned_ms = sum(v for k, v in pruned.timings_ms.items() if k != "project")
         self._pruned = (key, pruned)
         self._image = (encoded, {})  # encoding is paid once per image

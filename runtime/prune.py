@@ -57,6 +57,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for onnxruntime and llama.cpp (default: all cores)")
     parser.add_argument("--int8", action="store_true", help="use vision.int8.onnx (default: fp32)")
+    parser.add_argument("--tile-budget", default="equal", choices=("equal", "perplexity"),
+                        help="LLaVA-NeXT bundles: how K is split across tiles, equal shares or by each tile's "
+                             "[CLS]-attention perplexity (default: equal)")
+    parser.add_argument("--newline", default="rows", choices=("rows", "none"),
+                        help="LLaVA-NeXT bundles: an image_newline row after every packed row that kept a token, "
+                             "or none (default: rows)")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,12 +162,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="image file (any format Pillow reads; a name that starts with - as ./-photo.jpg or "
                              "after --); not needed with --check")
     add_pipeline_arguments(parser)
-    parser.add_argument("--tile-budget", default="equal", choices=("equal", "perplexity"),
-                        help="LLaVA-NeXT bundles: how K is split across tiles, equal shares or by each tile's "
-                             "[CLS]-attention perplexity (default: equal)")
-    parser.add_argument("--newline", default="rows", choices=("rows", "none"),
-                        help="LLaVA-NeXT bundles: an image_newline row after every packed row that kept a token, "
-                             "or none (default: rows)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     parser.add_argument("--save", type=Path, default=None, help="write embeddings and indices to OUT.npz")
     parser.add_argument("--check", action="store_true",

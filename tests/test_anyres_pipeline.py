@@ -126,3 +126,37 @@ def test_prune_cli_json_reports_tiles(tiny_next_bundle: Path, photos, tmp_path: 
 def test_a_15_bundle_is_refused(tiny_bundle: Path) -> None:
     with pytest.raises(BundleError, match="not LLaVA-NeXT"):
         AnyresPipeline(tiny_bundle)
+
+
+@pytest.mark.llm
+def test_chat_answers_about_a_next_image(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory,
+                                         photos, capsys) -> None:
+    """export.llm on the NeXT checkpoint, then runtime.chat feeds the packed rows (newlines included)
+    to llama.cpp; the pruned rows are what AnyresPipeline gives."""
+    import shutil
+
+    from export.llm import main as export_llm
+    from runtime.assistant import Assistant, Settings
+    from runtime.chat import main as chat
+
+    bundle = tmp_path_factory.mktemp("next_llm") / "bundle"
+    shutil.copytree(tiny_next_bundle, bundle)
+    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
+    photo = tmp_path_factory.mktemp("next_photo") / "chelsea.png"
+    photos["chelsea"].save(photo)
+    argv = ["--model", str(bundle), "--image", str(photo), "--prompt", "What is shown?", "--max-tokens", "3",
+            "--temperature", "0", "--timings", "--tokens", "200", "--tile-budget", "perplexity"]
+    assert chat(argv) == 0
+    assert "image tokens kept: 200/" in capsys.readouterr().err
+    engine = Assistant.open(bundle, Settings(temperature=0, max_tokens=3, tokens=200, newline="none"), n_ctx=1024)
+    try:
+        engine.set_image(photos["chelsea"])
+        "".join(engine.respond("What is shown?"))
+        pruned = engine._pruned[1]
+        expected = AnyresPipeline(bundle).prune(photos["chelsea"], 200, "entropy", newline="none")
+        np.testing.assert_array_equal(pruned.embeddings, expected.embeddings)
+        assert engine.last_stats.kept == 200 and pruned.embeddings.shape[0] == 200  # newline="none": no extra rows
+        with pytest.raises(SettingError, match="tile_budget"):
+            engine.update(tile_budget="busy")
+    finally:
+        engine.close()

@@ -46,9 +46,11 @@ PROJECTOR_7B_PER_TOKEN = 1024 * 4096 + 4096 * 4096  # 20,971,520
 PROJECTOR_13B_PER_TOKEN = 1024 * 5120 + 5120 * 5120  # 31,457,280
 
 
-def layer_loop_reference(n: int, d: int, m: int, swiglu: bool) -> int:
-    """Sum of a·b·c over every matmul [a, b] @ [b, c] of one layer, written out one by one."""
-    matmuls = [(n, d, d)] * 4  # Q, K, V, O projections
+def layer_loop_reference(n: int, d: int, m: int, swiglu: bool, kv: int | None = None) -> int:
+    """Sum of a·b·c over every matmul [a, b] @ [b, c] of one layer, written out one by one
+    (``kv``: the K and V projections' width under grouped-query attention; d without)."""
+    kv = d if kv is None else kv
+    matmuls = [(n, d, d), (n, d, kv), (n, d, kv), (n, d, d)]  # Q, K, V, O projections
     matmuls += [(n, d, n), (n, n, d)]  # Q Kᵀ, then A V
     matmuls += [(n, d, m), (n, m, d)] + ([(n, d, m)] if swiglu else [])  # up, down (+ gate)
     total = 0
@@ -87,7 +89,7 @@ def test_layer_matches_matmul_loop_on_random_shapes() -> None:
 def test_layer_negative_control_forgotten_gate(monkeypatch) -> None:
     """A layer count that forgets the SwiGLU gate projection fails the same loop comparison."""
     correct = flops.llm_layer_flops
-    monkeypatch.setattr(flops, "llm_layer_flops", lambda n, d, m, swiglu=False: correct(n, d, m))
+    monkeypatch.setattr(flops, "llm_layer_flops", lambda n, d, m, swiglu=False, kv=None: correct(n, d, m, kv=kv))
     assert {case[3] for case in layer_mismatches()} == {True}  # every SwiGLU shape, no other
 
 
@@ -201,3 +203,125 @@ def test_cli_errors_are_one_line_exit_2(argv: list[str], capsys) -> None:
     code = exit_code(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "error" in err[0], err
+
+
+# ---- LLaVA-NeXT (method.md §5): 2×2 grid at 672×672 + base view = T = 5 tiles ----------------------------
+VICUNA, MISTRAL = SHAPES["llava-v1.6-vicuna-7b"], SHAPES["llava-v1.6-mistral-7b"]
+NEXT_ROWS = 576 + 48 * 48 + 48  # base view + packed 2×2 grid + one image_newline per packed row = 2928
+NEXT_N = 5 * 576  # 2880 candidates
+# Vicuna (LLaMA-7B, MHA) layer over n = 60 + 2928 = 2988, FastV formula:
+#   4 n d² = 4 · 2988 · 4096²          = 200,521,285,632
+#   2 n² d = 2 · 2988² · 4096          =  73,139,355,648
+#   2 n d m = 2 · 2988 · 4096 · 11008  = 269,450,477,568
+#   sum 543,111,118,848 per layer; × 32 = 17,379,555,803,136 (SwiGLU: 3ndm = 404,175,716,352, sum 677,836,357,632)
+PREFILL_VICUNA_NEXT = 17_379_555_803_136
+# Mistral (GQA: 8 kv heads × 128 = 1024 K/V columns, m = 14336) over 2988, SwiGLU:
+#   2 n d² (Q, O)      = 2 · 2988 · 4096²         = 100,260,642,816
+#   2 n d · 1024 (K, V) = 2 · 2988 · 4096 · 1024  =  25,065,160,704
+#   2 n² d                                         =  73,139,355,648
+#   3 n d m = 3 · 2988 · 4096 · 14336             = 526,368,374,784
+#   sum 724,833,533,952 per layer; × 32 = 23,194,673,086,464
+PREFILL_MISTRAL_NEXT_SWIGLU = 23_194_673_086_464
+
+
+def test_gqa_layer_hand_case_and_loop() -> None:
+    assert llm_layer_flops(2, 3, 5, kv=1) == 2 * 2 * 9 + 2 * 2 * 3 * 1 + 2 * 4 * 3 + 2 * 2 * 3 * 5 == 132
+    assert llm_layer_flops(2, 3, 5, kv=3) == llm_layer_flops(2, 3, 5)  # kv = d: MHA, unchanged
+    for n, d, m, kv in np.random.default_rng(1).integers(1, 3000, size=(30, 4)).tolist():
+        for swiglu in (False, True):
+            assert llm_layer_flops(n, d, m, swiglu, kv) == layer_loop_reference(n, d, m, swiglu, kv)
+    assert MISTRAL.llm.kv_width == 1024 and VICUNA.llm.kv_width == 4096 == LLAVA_7B.llm.kv_width
+
+
+def test_next_shapes_and_rows() -> None:
+    for model in (VICUNA, MISTRAL):
+        assert (model.tiles, model.candidates, model.newline_rows, model.image_rows) == (5, NEXT_N, 48, 2928)
+        assert model.tile_budgets(640) == [128] * 5 and model.tile_budgets(11) == [3, 2, 2, 2, 2]
+    assert NEXT_ROWS == 2928 and LLAVA_7B.image_rows == N and LLAVA_7B.tiles == 1 and LLAVA_7B.kept_newlines(64) == 0
+    assert VICUNA.kept_newlines(640) == 48 and VICUNA.kept_newlines(NEXT_N) == 48
+    assert VICUNA.kept_newlines(10) == 8  # 2 base + 8 grid tokens: at most 8 packed rows kept one
+    assert (MISTRAL.llm.layers, MISTRAL.llm.width, MISTRAL.llm.mlp, MISTRAL.llm.heads) == (32, 4096, 14336, 32)
+
+
+def test_next_baseline_hand_numbers() -> None:
+    base = strategy_cost("none", 1, VICUNA)  # none keeps every candidate whatever the budget
+    assert (base.tokens, base.newlines) == (NEXT_N, 48)
+    assert base.vision == 5 * VISION == 915_084_646_400
+    assert base.projector == NEXT_N * PROJECTOR_7B_PER_TOKEN  # the newline rows are a stored vector
+    assert base.llm == PREFILL_VICUNA_NEXT == 32 * 543_111_118_848
+    assert strategy_cost("none", 1, VICUNA, swiglu=True).llm == 32 * 677_836_357_632
+    assert strategy_cost("none", 1, MISTRAL, swiglu=True).llm == PREFILL_MISTRAL_NEXT_SWIGLU
+    assert base.probe == base.select == base.text == 0
+    assert base.total == 915_084_646_400 + NEXT_N * PROJECTOR_7B_PER_TOKEN + PREFILL_VICUNA_NEXT
+
+
+def test_next_pruned_costs_per_tile() -> None:
+    # K = 640: 128 per tile; LLM over 60 + 640 + 48 newline rows (the upper bound) = 748
+    ent = strategy_cost("entropy", 640, VICUNA)
+    assert ent.newlines == 48 and ent.vision == 5 * VISION
+    assert ent.llm == 32 * (4 * 748 * 4096**2 + 2 * 748**2 * 4096 + 2 * 748 * 4096 * 11008) == 32 * 122_233_683_968
+    assert ent.select == 5 * 576 * 128 * 1024 and ent.projector == 640 * PROJECTOR_7B_PER_TOKEN
+    div = strategy_cost("divprune", 640, VICUNA)
+    assert div.select == 5 * 576 * 576 * 4096  # per tile, not 2880² · 4096
+    assert div.projector == (NEXT_N + 640) * PROJECTOR_7B_PER_TOKEN
+    cd = strategy_cost("cdpruner", 320, VICUNA)  # 64 per tile
+    assert cd.select == 5 * (576 * 576 * 4096 + 576 * 768 + 64 * 64 * 576)
+    assert cd.text == 6_649_251_840 + 589_824 + NEXT_N * 1024 * 768  # the tower once per image, V per patch
+    vz = strategy_cost("visionzip", 160, VICUNA)  # 32 per tile, C = 5
+    assert vz.select == 5 * (576 - 32 + 5) * 5 * 64
+    uneven = strategy_cost("entropy", 11, VICUNA)  # k_t = 3, 2, 2, 2, 2
+    assert uneven.select == 576 * 11 * 1024 and uneven.newlines == 8
+
+
+def test_next_probe_over_every_row() -> None:
+    t = 60 + 2928
+    layer = llm_layer_flops(t, 4096, 11008)
+    fastv = strategy_cost("fastv", 320, VICUNA, prompt=60, probe_layer=2)
+    assert fastv.probe == layer + t * 4096 * 4096 + 4096 * 4096 and fastv.select == t * 4096
+    ep = strategy_cost("entropyprune", 320, VICUNA)
+    assert ep.probe == layer + NEXT_N * 4096**2 and ep.select == NEXT_N * (32**2 * 128 + 32**3)
+    dart = strategy_cost("dart", 320, MISTRAL, prompt=60, probe_layer=2)
+    layer_m = llm_layer_flops(t, 4096, 14336, kv=1024)
+    assert dart.probe == 3 * layer_m + t * 4096 * 1024 and dart.select == t * 1024 + 8 * NEXT_N * 4096
+
+
+@pytest.mark.parametrize("model", [VICUNA, MISTRAL], ids=lambda m: m.alias)
+def test_next_smaller_budgets_cost_less(model) -> None:
+    for name in COST_MODELS[1:]:
+        total = [strategy_cost(name, k, model, swiglu=True).total for k in (NEXT_N, 640, 320, 160)]
+        assert total == sorted(total, reverse=True) and len(set(total)) == len(total), name
+
+
+def test_next_report_uses_next_budgets_and_own_baseline() -> None:
+    tables = report(["llava-1.5-7b", "llava-v1.6-vicuna-7b"], ["none", "entropy"], [64], 60, ["fastv"], None)
+    assert [(r.strategy, r.tokens) for r in tables[0].rows] == [("none", N), ("entropy", 64)]
+    assert [(r.strategy, r.tokens) for r in tables[1].rows] == [("none", NEXT_N), ("entropy", 640),
+                                                                 ("entropy", 320), ("entropy", 160)]
+    rows = tables[1].to_json()["rows"]
+    assert rows[0]["llm"] == PREFILL_VICUNA_NEXT and rows[0]["total_fraction"] == 1.0
+    assert rows[1]["llm_fraction"] == pytest.approx(32 * 122_233_683_968 / PREFILL_VICUNA_NEXT)
+    (one_by_two,) = report(["llava-v1.6-vicuna-7b"], ["none"], [64], 60, ["fastv"], None, grid=(1, 2))
+    assert one_by_two.model.image_rows == 576 + 24 * 48 + 24 and one_by_two.to_json()["tiles"] == 3
+
+
+def test_cli_next_markdown(capsys) -> None:
+    assert main(["--models", "llava-v1.6-vicuna-7b", "llava-v1.6-mistral-7b", "--mlp", "swiglu",
+                 "--strategies", "none", "entropy", "divprune", "cdpruner", "dart"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| none | 2880 | 48 |") == 2 and out.count("| entropy | 640 | 48 |") == 2
+    assert "| cdpruner | 160 | 48 |" in out and "newline rows (≤)" in out and "% of none" in out
+    assert "2nd² + 2ndc (GQA, c = 8·128 = 1024)" in out and "T=5 tiles" in out
+    assert f"| {PREFILL_MISTRAL_NEXT_SWIGLU / 1e12:.4f} |" in out and "| 100.0 % | 100.0 % |" in out
+
+
+def test_cli_next_json_and_budget_errors(capsys) -> None:
+    assert main(["--json", "--models", "llava-v1.6-mistral-7b", "--next-tokens", "320", "--mlp", "swiglu",
+                 "--strategies", "none"]) == 0
+    (table,) = json.loads(capsys.readouterr().out)["tables"]
+    assert (table["tiles"], table["image_rows"], table["kv_heads"], table["grid"]) == (5, 2928, 8, [2, 2])
+    assert table["rows"][0]["llm"] == PREFILL_MISTRAL_NEXT_SWIGLU
+    for argv in (["--models", "llava-v1.6-vicuna-7b", "--next-tokens", "2881"], ["--grid", "3", "3"],
+                 ["--next-tokens", "0"]):
+        assert exit_code(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0], err

@@ -1,15 +1,18 @@
 """Theoretical FLOPs per strategy and budget: vision encoder, projector, probe, selection, LLM prefill.
 
-``python tools/flops.py [--models llava-1.5-7b llava-1.5-13b] [--tokens 192 128 64] [--prompt-tokens 60]
-[--mlp fastv swiglu] [--strategies ...] [--probe-layer P] [--json]``
+``python tools/flops.py [--models llava-1.5-7b llava-1.5-13b llava-v1.6-vicuna-7b llava-v1.6-mistral-7b]
+[--tokens 192 128 64] [--next-tokens 640 320 160] [--grid 2 2] [--prompt-tokens 60] [--mlp fastv swiglu]
+[--strategies ...] [--probe-layer P] [--json]``
 
 Counting convention (FastV's, used by the seed paper's Table 4): one multiply-accumulate is one
 FLOP; biases, norms, softmax, activations, RoPE and the LM head of the single last position are
 ignored. With n tokens, width d and MLP width m:
 
 - LLM decoder layer, FastV: ``4nd² + 2n²d + 2ndm`` (Q, K, V, O projections; QKᵀ and AV; up and
-  down). SwiGLU variant (LLaMA's gate, up and down): ``4nd² + 2n²d + 3ndm``. Prefill = L layers
-  over ``n = prompt text tokens + K image tokens``.
+  down). SwiGLU variant (LLaMA's gate, up and down): ``4nd² + 2n²d + 3ndm``. With grouped-query
+  attention (Mistral: 8 kv heads of 32) K and V project to ``c = n_kv·d_head`` columns only:
+  ``2nd² + 2ndc`` replaces ``4nd²`` (``c = d`` for LLaMA/Vicuna, so their counts are unchanged).
+  Prefill = L layers over ``n = prompt text tokens + K image tokens`` (+ newline rows, LLaVA-NeXT).
 - Vision encoder (CLIP ViT-L/14-336, computed up to block f = 23, GELU MLP): patch embedding
   ``N·3p²·D`` plus ``f · (4n D² + 2n² D + 2n D M)`` with ``n = N + 1`` tokens ([CLS] included).
   Every strategy runs the whole encoder.
@@ -31,10 +34,35 @@ ignored. With n tokens, width d and MLP width m:
 
 Percentages are of the unpruned baseline (strategy ``none``, all N = 576 tokens) of the same model
 and formula. Pruning strategies are listed at every ``--tokens`` budget below N.
+
+LLaVA-NeXT / 1.6 (method.md §5; ``llava-v1.6-vicuna-7b``: LLaMA-7B shape, ``llava-v1.6-mistral-7b``:
+Mistral-7B, m = 14336, 8 kv heads). One image of a ``gh × gw`` grid (``--grid``, default 2 2: a
+672×672 image, the most common case) sized exactly ``gh·336 × gw·336``, so unpadding removes no
+patch: T = 1 + gh·gw tiles (base view first), N_t = 576 candidates per tile, T·576 candidates in
+all, and ``gh·24`` packed grid rows, each followed by one ``image_newline`` row. Budgets are
+``--next-tokens`` (default 640 320 160), K over all tiles, split as the runtime's default
+``tile_budget="equal"`` (``runtime.tile_budget.split_tile_budget``: 128 per tile at K = 640).
+
+- Vision: the encoder runs T times (T × the single-view count). Projector: K rows, plus all
+  T·576 for the strategies that project everything (the ``image_newline`` rows are a stored vector).
+- LLM prefill over ``prompt + K + newline rows``. ``none``: 576 + gh·gw·576 + gh·24 rows (2928 for
+  2×2). Pruned: the exact newline count is one per packed grid row that kept a token, which depends
+  on the picks; the table uses the upper bound ``min(gh·24, grid tokens kept)`` (48 for 2×2 at every
+  default budget).
+- Vision strategies and cdpruner run per tile as the runtime does (``runtime.anyres_pipeline``):
+  select = the sum over tiles with k_t > 0 of the single-view formula at (N_t = 576, k_t), e.g.
+  divprune ``Σ_t N_t²·E`` and cdpruner ``Σ_t (N_t²·E + N_t·P + k_t²·N_t)``, not ``(T·576)²·E``;
+  cdpruner's text tower runs once per image (the runtime reuses T for every tile), V = T·576·D·P.
+- Probe strategies (entropyprune, fastv, dart; not wired for LLaVA-NeXT in the runtime yet): one
+  probe over ``prompt +`` all image rows (2928, newlines included), scores on the T·576 image rows;
+  their selection formulas above with N = T·576 and T = prompt + 2928.
+
+Percentages for a NeXT model are of its own ``none`` row (all 2928 rows) under the same formula.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -45,11 +73,13 @@ from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
 from runtime.model_registry import load_spec
 from runtime.strategies.registry import available, get_strategy
+from runtime.tile_budget import split_tile_budget
 
 COST_MODELS = ("none", "uniform", "fastervlm", "visionzip", "entropy", "divprune", "entropyprune", "fastv",
                "cdpruner", "dart")
 MLP_FORMULAS = {"fastv": "4nd² + 2n²d + 2ndm", "swiglu": "4nd² + 2n²d + 3ndm"}
 TERA = 1e12
+NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # (rows, cols): LLaVA-1.6 pinpoints / 336
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,11 @@ class LlmShape:
     def head_dim(self) -> int:
         return self.width // self.heads
 
+    @property
+    def kv_width(self) -> int:
+        """c = n_kv · d_head: the K and V projections' output width (exactly d without GQA)."""
+        return self.width if self.kv_heads == self.heads else self.kv_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class TextShape:
@@ -101,12 +136,49 @@ class ModelShape:
     vision: VisionShape
     llm: LlmShape  # the projector maps D -> llm.width -> llm.width
     text: TextShape = TextShape()
+    grid: tuple[int, int] | None = None  # LLaVA-NeXT: (gh, gw) grid tiles besides the base view; None = 1.5
+
+    @property
+    def tiles(self) -> int:
+        """T: encoder passes per image (1 for LLaVA-1.5; base view + gh·gw for NeXT)."""
+        return 1 if self.grid is None else 1 + self.grid[0] * self.grid[1]
+
+    @property
+    def candidates(self) -> int:
+        """Image tokens over all tiles (no unpadding: the image is exactly the grid's size)."""
+        return self.tiles * self.vision.num_patches
+
+    @property
+    def newline_rows(self) -> int:
+        """``image_newline`` rows of the full pack: one per packed grid row (gh · S/p); 0 for 1.5."""
+        return 0 if self.grid is None else self.grid[0] * (self.vision.image // self.vision.patch)
+
+    @property
+    def image_rows(self) -> int:
+        """Rows the unpruned image feeds the LLM: 576 for 1.5, 576 + 2304 + 48 = 2928 for NeXT 2×2."""
+        return self.candidates + self.newline_rows
+
+    def tile_budgets(self, budget: int) -> list[int]:
+        """k_t per tile as the runtime splits K (``tile_budget="equal"``); [K] for 1.5.
+        Example (2×2): 640 -> [128] * 5; 11 -> [3, 2, 2, 2, 2]."""
+        return [int(k) for k in split_tile_budget(budget, [self.vision.num_patches] * self.tiles, "equal")]
+
+    def kept_newlines(self, budget: int) -> int:
+        """Newline rows fed with K kept tokens: all of them for K = every candidate, else the upper bound
+        ``min(gh·24, grid tokens kept)`` (one per packed grid row that kept a token)."""
+        if self.grid is None:
+            return 0
+        return min(self.newline_rows, budget - self.tile_budgets(budget)[0])
 
 
+LLAMA_7B, MISTRAL_7B = LlmShape(32, 4096, 11008, 32, 32), LlmShape(32, 4096, 14336, 32, 8)
 SHAPES = {
-    "llava-1.5-7b": ModelShape("llava-1.5-7b", VisionShape(), LlmShape(32, 4096, 11008, 32, 32)),
+    "llava-1.5-7b": ModelShape("llava-1.5-7b", VisionShape(), LLAMA_7B),
     "llava-1.5-13b": ModelShape("llava-1.5-13b", VisionShape(), LlmShape(40, 5120, 13824, 40, 40)),
+    "llava-v1.6-vicuna-7b": ModelShape("llava-v1.6-vicuna-7b", VisionShape(), LLAMA_7B, grid=(2, 2)),
+    "llava-v1.6-mistral-7b": ModelShape("llava-v1.6-mistral-7b", VisionShape(), MISTRAL_7B, grid=(2, 2)),
 }
+LLAVA_15 = tuple(a for a, m in SHAPES.items() if m.grid is None)  # --models' default
 
 
 @dataclass(frozen=True)
@@ -121,25 +193,29 @@ class Cost:
     select: int
     llm: int
     text: int = 0  # cdpruner: the CLIP text tower on the question and V = projection of the N features
+    newlines: int = 0  # LLaVA-NeXT: image_newline rows fed with the K tokens (an upper bound when pruned)
 
     @property
     def total(self) -> int:
         return self.vision + self.projector + self.probe + self.select + self.llm + self.text
 
 
-def llm_layer_flops(n: int, d: int, m: int, swiglu: bool = False) -> int:
-    """One transformer layer over n tokens: ``4nd² + 2n²d + 2ndm`` (``3ndm`` with swiglu).
+def llm_layer_flops(n: int, d: int, m: int, swiglu: bool = False, kv: int | None = None) -> int:
+    """One transformer layer over n tokens: ``4nd² + 2n²d + 2ndm`` (``3ndm`` with swiglu); with
+    grouped-query attention (K, V project to ``kv = n_kv·d_head`` columns) ``2nd² + 2nd·kv`` replaces ``4nd²``.
 
-    Example: ``llm_layer_flops(1, 1, 1)`` -> 8; ``llm_layer_flops(2, 3, 5)`` -> 72 + 24 + 60 = 156.
+    Example: ``llm_layer_flops(1, 1, 1)`` -> 8; ``llm_layer_flops(2, 3, 5)`` -> 72 + 24 + 60 = 156;
+    ``llm_layer_flops(2, 3, 5, kv=1)`` -> 36 + 12 + 24 + 60 = 132.
     """
-    if min(n, d, m) < 0:
-        raise ValueError(f"n, d, m must be >= 0, got {n}, {d}, {m}")
-    return 4 * n * d * d + 2 * n * n * d + (3 if swiglu else 2) * n * d * m
+    kv = d if kv is None else kv
+    if min(n, d, m, kv) < 0:
+        raise ValueError(f"n, d, m, kv must be >= 0, got {n}, {d}, {m}, {kv}")
+    return 2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + (3 if swiglu else 2) * n * d * m
 
 
 def llm_prefill_flops(n: int, llm: LlmShape, swiglu: bool = False) -> int:
-    """All L layers over n tokens. Example: L=2, d=m=1, n=1 -> 16."""
-    return llm.layers * llm_layer_flops(n, llm.width, llm.mlp, swiglu)
+    """All L layers over n tokens (GQA-aware). Example: L=2, d=m=1, n=1 -> 16."""
+    return llm.layers * llm_layer_flops(n, llm.width, llm.mlp, swiglu, llm.kv_width)
 
 
 def vision_flops(vision: VisionShape) -> int:
@@ -163,23 +239,28 @@ def contextual_tokens(budget: int) -> int:
 
 
 def probe_flops(strategy: str, prompt: int, model: ModelShape, probe_layer: int, swiglu: bool) -> int:
-    """P−1 layers over prompt + N, plus layer P−1's projections the strategy's scores read; 0 if no probe.
-    dart runs the final-norm probe too (P more layers) and W_k on all T rows."""
+    """P−1 layers over prompt + all image rows (N; NeXT: 2928, newlines included), plus layer P−1's
+    projections the strategy's scores read; 0 if no probe. dart runs the final-norm probe too (P more
+    layers) and W_k on all T rows."""
     if not get_strategy(strategy).needs_probe:
         return 0
-    llm, t = model.llm, prompt + model.vision.num_patches
-    layers = (probe_layer - 1) * llm_layer_flops(t, llm.width, llm.mlp, swiglu)
-    keys = t * llm.width * llm.kv_heads * llm.head_dim  # W_k on all T rows
+    llm, t = model.llm, prompt + model.image_rows
+    layer = llm_layer_flops(t, llm.width, llm.mlp, swiglu, llm.kv_width)
+    layers = (probe_layer - 1) * layer
+    keys = t * llm.width * llm.kv_width  # W_k on all T rows
     if strategy == "dart":
-        return layers + probe_layer * llm_layer_flops(t, llm.width, llm.mlp, swiglu) + keys
+        return layers + probe_layer * layer + keys
     if strategy == "fastv":
         return layers + keys + llm.width * llm.width
-    return layers + model.vision.num_patches * llm.width * llm.width  # entropyprune: W_q on the image rows
+    return layers + model.candidates * llm.width * llm.width  # entropyprune: W_q on the image rows
 
 
-def select_flops(strategy: str, budget: int, prompt: int, model: ModelShape) -> int:
-    """The strategy's own matrix products (see the module docstring); 0 for the cheap ones."""
-    n, vision, llm = model.vision.num_patches, model.vision, model.llm
+PER_TILE = ("entropy", "visionzip", "divprune", "cdpruner", "none", "uniform", "fastervlm")
+
+
+def tile_select_flops(strategy: str, n: int, budget: int, model: ModelShape) -> int:
+    """A per-tile strategy's own matrix products on one tile of n candidates keeping ``budget``."""
+    vision, llm = model.vision, model.llm
     if strategy == "entropy":
         return n * budget * vision.width
     if strategy == "visionzip":
@@ -187,46 +268,59 @@ def select_flops(strategy: str, budget: int, prompt: int, model: ModelShape) -> 
         return (n - budget + c) * c * (vision.width // vision.heads)
     if strategy == "divprune":
         return n * n * llm.width
+    if strategy == "cdpruner":  # the N×N kernel on E, N·M·P relevance cosines, the greedy loop's K²·N
+        return n * n * llm.width + n * model.text.projection + budget * budget * n
+    return 0  # none, uniform, fastervlm
+
+
+def select_flops(strategy: str, budget: int, prompt: int, model: ModelShape) -> int:
+    """The strategy's own matrix products (see the module docstring); 0 for the cheap ones. Vision
+    strategies and cdpruner: summed over the tiles with k_t > 0 (one tile for LLaVA-1.5); probe
+    strategies: once over all N = T·576 image rows and the probe's prompt + 2928 (NeXT) rows."""
+    n, llm, t = model.candidates, model.llm, prompt + model.image_rows
+    if strategy in PER_TILE:
+        per = model.vision.num_patches
+        return sum(tile_select_flops(strategy, per, k, model) for k in model.tile_budgets(budget) if k > 0)
     if strategy == "entropyprune":
         return n * (llm.heads**2 * llm.head_dim + llm.heads**3)
     if strategy == "fastv":
-        return (prompt + n) * llm.width
-    if strategy == "cdpruner":  # the N×N kernel on E, N·M·P relevance cosines, the greedy loop's K²·N
-        return n * n * llm.width + n * model.text.projection + budget * budget * n
+        return t * llm.width
     if strategy == "dart":  # key L1 norms, then each of the 8 pivots' cosines against the N rows
-        return (prompt + n) * llm.kv_heads * llm.head_dim + 8 * n * llm.width
-    if strategy in ("none", "uniform", "fastervlm"):
-        return 0
+        return t * llm.kv_width + 8 * n * llm.width
     raise InputError(f"no cost model for strategy {strategy!r}; known: {', '.join(COST_MODELS)}")
 
 
 def strategy_cost(strategy: str, budget: int, model: ModelShape, prompt: int = 60, probe_layer: int = 2,
                   swiglu: bool = False) -> Cost:
-    """Every stage's FLOPs for ``strategy`` keeping K = ``budget`` image tokens (``none``: K = N)."""
-    n, d_in, width = model.vision.num_patches, model.vision.width, model.llm.width
+    """Every stage's FLOPs for ``strategy`` keeping K = ``budget`` image tokens (``none``: K = N, all
+    T·576 for NeXT); NeXT adds T encoder passes and the newline rows to the LLM's n."""
+    n, d_in, width = model.candidates, model.vision.width, model.llm.width
     k = n if strategy == "none" else budget
     if not 1 <= k <= n:
         raise InputError(f"budget K must be in 1..{n}, got {k}")
     projected_all = strategy in ("divprune", "entropyprune", "fastv", "cdpruner", "dart")
+    newlines = model.kept_newlines(k)
     return Cost(
-        strategy=strategy, tokens=k, vision=vision_flops(model.vision),
+        strategy=strategy, tokens=k, vision=model.tiles * vision_flops(model.vision),
         projector=projector_flops(k + (n if projected_all else 0), d_in, width),
         probe=probe_flops(strategy, prompt, model, probe_layer, swiglu),
         select=select_flops(strategy, k, prompt, model),
-        llm=llm_prefill_flops(prompt + k, model.llm, swiglu),
+        llm=llm_prefill_flops(prompt + k + newlines, model.llm, swiglu),
         text=text_flops(model) if strategy == "cdpruner" else 0,
+        newlines=newlines,
     )
 
 
 def text_flops(model: ModelShape, segments: int = 1) -> int:
     """cdpruner's CLIP side: the text tower on ``segments`` × 77 positions (GELU MLP) and its
     projection, plus V = visual_projection of the N features (D·P each; the layer norm ignored).
+    NeXT: the runtime runs the text tower once per image and V on all T·576 features.
 
     Example (CLIP-L/14-336, one segment): 12 · 554,104,320 + 768² + 576 · 1024 · 768 = 7,102,826,496.
     """
     t, v = model.text, model.vision
     tower = segments * t.layers * llm_layer_flops(t.positions, t.width, t.mlp)
-    return tower + t.width * t.projection + v.num_patches * v.width * t.projection
+    return tower + t.width * t.projection + model.candidates * v.width * t.projection
 
 
 @dataclass(frozen=True)
@@ -242,16 +336,19 @@ class CostTable:
     def to_json(self) -> dict[str, Any]:
         """FLOPs as exact integers, fractions of the baseline as floats."""
         base = self.rows[0]
-        return {"model": self.model.alias, "mlp": self.mlp, "layer_formula": MLP_FORMULAS[self.mlp],
-                "prompt_tokens": self.prompt, "probe_layer": self.probe_layer,
+        model = self.model
+        return {"model": model.alias, "mlp": self.mlp, "layer_formula": MLP_FORMULAS[self.mlp],
+                "prompt_tokens": self.prompt, "probe_layer": self.probe_layer, "kv_heads": model.llm.kv_heads,
+                "tiles": model.tiles, "grid": list(model.grid) if model.grid else None,
+                "candidates": model.candidates, "image_rows": model.image_rows,
                 "rows": [{**asdict(r), "total": r.total, "llm_fraction": r.llm / base.llm,
                           "total_fraction": r.total / base.total} for r in self.rows]}
 
 
 def cost_table(model: ModelShape, strategies: Sequence[str], budgets: Sequence[int], prompt: int,
                probe_layer: int, mlp: str) -> CostTable:
-    """The baseline (none, K = N) first, then each other strategy at each budget below N."""
-    n, swiglu = model.vision.num_patches, mlp == "swiglu"
+    """The baseline (none, K = N) first, then each other strategy at each budget below N (T·576 for NeXT)."""
+    n, swiglu = model.candidates, mlp == "swiglu"
     rows = [strategy_cost("none", n, model, prompt, probe_layer, swiglu)]
     for name in strategies:
         if name != "none":
@@ -261,6 +358,8 @@ def cost_table(model: ModelShape, strategies: Sequence[str], budgets: Sequence[i
 
 def markdown(table: CostTable) -> str:
     """The table in TFLOPs (10¹² multiply-accumulates) with percentages of the baseline row."""
+    if table.model.grid is not None:
+        return _markdown_next(table)
     model, llm, base = table.model, table.model.llm, table.rows[0]
     n = model.vision.num_patches
     lines = [
@@ -288,9 +387,59 @@ def markdown(table: CostTable) -> str:
     return "\n".join(lines)
 
 
+def layer_formula(table: CostTable) -> str:
+    """The LLM layer formula as the table uses it: GQA writes the K/V projections with c = n_kv·d_head."""
+    llm = table.model.llm
+    if llm.kv_width == llm.width:
+        return MLP_FORMULAS[table.mlp]
+    return MLP_FORMULAS[table.mlp].replace("4nd²", f"2nd² + 2ndc (GQA, c = {llm.kv_heads}·{llm.head_dim} = "
+                                                   f"{llm.kv_width})")
+
+
+def _markdown_next(table: CostTable) -> str:
+    """A LLaVA-NeXT table: T tiles, newline rows (an upper bound when pruned), % of the model's own none row."""
+    model, llm, base = table.model, table.model.llm, table.rows[0]
+    (gh, gw), n_t, side = model.grid, model.vision.num_patches, model.vision.image
+    lines = [
+        f"### {model.alias}: L={llm.layers}, d={llm.width}, m={llm.mlp}, heads {llm.heads}/{llm.kv_heads} kv; "
+        f"LLM layer = {layer_formula(table)} ({table.mlp}); LLaVA-NeXT {gh}×{gw} grid ({gh * side}×{gw * side} "
+        f"image, no unpadding): T={model.tiles} tiles × N_t={n_t} = {model.candidates} candidates, "
+        f"none feeds {n_t} + {gh * gw * n_t} + {model.newline_rows} newline = {model.image_rows} rows; "
+        f"n = {table.prompt} prompt + K + newline rows (pruned: upper bound, one per packed grid row, "
+        f"≤ {model.newline_rows}); probe: P-1={table.probe_layer - 1} layer(s) over "
+        f"{table.prompt}+{model.image_rows}; TFLOPs, 1 FLOP = 1 multiply-accumulate",
+        "",
+        f"Formulas: vision = T·(N·3p²·D + f·(4nD² + 2n²D + 2nDM)), n = N+1 per tile; LLM prefill = "
+        f"L·layer(prompt + K + newlines); K split over tiles as tile_budget=equal; projector = rows·(D·E + E²) "
+        f"(rows = K, + {model.candidates} for divprune, entropyprune, fastv, cdpruner, dart); vision strategies "
+        f"and cdpruner select per tile, Σ_t over the T tiles with N_t = {n_t} (divprune Σ N_t²·E, cdpruner "
+        f"Σ N_t²·E + N_t·768 + k_t²·N_t), cdpruner's text tower once per image; probe strategies (not wired for "
+        f"NeXT in the runtime yet) one probe over prompt + {model.image_rows} rows, scores on "
+        f"{model.candidates} image rows.",
+        "",
+        "| strategy | K | newline rows (≤) | vision | projector | text tower | probe | select | LLM prefill | total "
+        "| LLM % of none | total % of none |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in table.rows:
+        stages = " | ".join(f"{v / TERA:.4f}" for v in (r.vision, r.projector, r.text, r.probe, r.select, r.llm,
+                                                          r.total))
+        lines.append(f"| {r.strategy} | {r.tokens} | {r.newlines} | {stages} | {100 * r.llm / base.llm:.1f} % "
+                     f"| {100 * r.total / base.total:.1f} % |")
+    return "\n".join(lines)
+
+
+def with_grid(alias: str, grid: Sequence[int]) -> ModelShape:
+    """SHAPES[alias], a NeXT shape on ``grid`` (rows, cols: one of NEXT_GRIDS); 1.5 shapes unchanged."""
+    model = SHAPES[alias]
+    return model if model.grid is None else dataclasses.replace(model, grid=(int(grid[0]), int(grid[1])))
+
+
 def report(models: Sequence[str], strategies: Sequence[str], budgets: Sequence[int], prompt: int,
-           mlps: Sequence[str], probe_layer: int | None) -> list[CostTable]:
-    """Every (model, formula) table; bad arguments are one-line InputErrors."""
+           mlps: Sequence[str], probe_layer: int | None, next_budgets: Sequence[int] = (640, 320, 160),
+           grid: Sequence[int] = (2, 2)) -> list[CostTable]:
+    """Every (model, formula) table; LLaVA-NeXT models use ``next_budgets`` on a ``grid`` image;
+    bad arguments are one-line InputErrors."""
     unknown = [m for m in models if m not in SHAPES]
     if unknown:
         raise InputError(f"no shapes for model(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
@@ -299,17 +448,23 @@ def report(models: Sequence[str], strategies: Sequence[str], budgets: Sequence[i
     missing = [s for s in strategies if s not in COST_MODELS]
     if missing:
         raise InputError(f"no cost model for strategy(ies) {', '.join(missing)}; known: {', '.join(COST_MODELS)}")
-    if prompt < 0 or any(k < 1 for k in budgets) or (probe_layer is not None and probe_layer < 1):
-        raise InputError(f"need --prompt-tokens >= 0, --tokens >= 1 and --probe-layer >= 1; "
-                         f"got {prompt}, {list(budgets)}, {probe_layer}")
-    too_big = [(m, k) for m in models for k in budgets if k > SHAPES[m].vision.num_patches]
+    if prompt < 0 or any(k < 1 for k in [*budgets, *next_budgets]) or (probe_layer is not None and probe_layer < 1):
+        raise InputError(f"need --prompt-tokens >= 0, --tokens and --next-tokens >= 1 and --probe-layer >= 1; "
+                         f"got {prompt}, {list(budgets)}, {list(next_budgets)}, {probe_layer}")
+    if tuple(grid) not in NEXT_GRIDS:
+        raise InputError(f"--grid must be one of LLaVA-1.6's grids {', '.join(f'{r} {c}' for r, c in NEXT_GRIDS)}; "
+                         f"got {' '.join(map(str, grid))}")
+    shapes = {alias: with_grid(alias, grid) for alias in models}
+    chosen = {alias: (budgets if m.grid is None else next_budgets) for alias, m in shapes.items()}
+    too_big = [(m, k) for m in models for k in chosen[m] if k > shapes[m].candidates]
     if too_big:
-        raise InputError(f"--tokens must not exceed the image tokens N: {too_big[0][1]} > "
-                         f"{SHAPES[too_big[0][0]].vision.num_patches} ({too_big[0][0]})")
+        flag = "--tokens" if shapes[too_big[0][0]].grid is None else "--next-tokens"
+        raise InputError(f"{flag} must not exceed the image tokens N: {too_big[0][1]} > "
+                         f"{shapes[too_big[0][0]].candidates} ({too_big[0][0]})")
     tables = []
     for alias in models:
         p = probe_layer if probe_layer is not None else load_spec(alias).entropyprune_layer
-        tables += [cost_table(SHAPES[alias], strategies, budgets, prompt, p, mlp) for mlp in mlps]
+        tables += [cost_table(shapes[alias], strategies, chosen[alias], prompt, p, mlp) for mlp in mlps]
     return tables
 
 
@@ -324,9 +479,16 @@ def default_strategies() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="tools/flops.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), help=f"of {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--models", nargs="+", default=list(LLAVA_15),
+                        help=f"of {', '.join(SHAPES)} (default: {' '.join(LLAVA_15)})")
     parser.add_argument("--tokens", type=int, nargs="+", default=[192, 128, 64],
-                        help="budgets K; the 576-token baseline is always listed (default: 192 128 64)")
+                        help="LLaVA-1.5 budgets K; the 576-token baseline is always listed (default: 192 128 64)")
+    parser.add_argument("--next-tokens", type=int, nargs="+", default=[640, 320, 160],
+                        help="LLaVA-NeXT budgets K over all tiles (newlines excluded); the unpruned pack is "
+                             "always listed (default: 640 320 160)")
+    parser.add_argument("--grid", type=int, nargs=2, default=[2, 2], metavar=("ROWS", "COLS"),
+                        help="LLaVA-NeXT grid tiles besides the base view, image exactly ROWS·336 × COLS·336 "
+                             "(default: 2 2, a 672×672 image: 5 tiles, 2928 rows)")
     parser.add_argument("--prompt-tokens", type=int, default=60, help="text tokens of the prompt (default: 60)")
     parser.add_argument("--mlp", nargs="+", choices=list(MLP_FORMULAS), default=list(MLP_FORMULAS),
                         help="LLM layer formula(s): fastv 2ndm, swiglu 3ndm (default: both)")
@@ -339,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         strategies = args.strategies or default_strategies()
-        tables = report(args.models, strategies, args.tokens, args.prompt_tokens, args.mlp, args.probe_layer)
+        tables = report(args.models, strategies, args.tokens, args.prompt_tokens, args.mlp, args.probe_layer,
+                        args.next_tokens, args.grid)
         if args.json:
             print(json.dumps({"tables": [t.to_json() for t in tables]}))
         else:
