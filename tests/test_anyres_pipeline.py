@@ -160,3 +160,12 @@ def test_chat_answers_about_a_next_image(tiny_next_bundle: Path, tiny_next_dir: 
             engine.update(tile_budget="busy")
     finally:
         engine.close()
+
+
+def test_bench_anyres_prints_the_stage_table(tiny_next_bundle: Path, capsys) -> None:
+    from tools.bench_anyres import main as bench
+
+    assert bench(["--model", str(tiny_next_bundle), "--strategies", "none", "fastervlm", "--tokens", "64",
+                  "--repeats", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[1].startswith("| none | 2880 | 48 | 2928 |") and lines[2].startswith("| fastervlm | 64 |")

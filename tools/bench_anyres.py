@@ -1,0 +1,71 @@
+"""Stage times of a LLaVA-NeXT bundle's vision side: tiles, encoder, per-tile pruning, projection.
+
+``python tools/bench_anyres.py --model BUNDLE [--size 672 672] [--strategies none entropy ...]
+[--tokens 640 320 160] [--repeats 3] [--threads N]``
+
+One photo (scikit-image's cat) resized to ``--size`` (height, width; 672×672 gives the 2×2 grid
+with nothing unpadded) is preprocessed and encoded ``--repeats`` times (all T tiles as one batch),
+then each strategy prunes it at each K. Prints a markdown table of medians: rows fed (newlines
+included) next to the time of each stage. The language model's prefill of those rows is measured
+by ``tools/bench_llm.py --rows``; time to first token is the sum.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from runtime.anyres_pipeline import AnyresPipeline
+from runtime.cli import OneLineParser, log, run_cli
+from runtime.strategies.registry import get_strategy
+from tools.benchlib import markdown_table
+
+
+def bench_anyres(bundle: Path, size: tuple[int, int], strategies: list[str], budgets: list[int], repeats: int,
+                 threads: int | None) -> str:
+    """The markdown table (see the module docstring)."""
+    from PIL import Image
+    from skimage import data
+
+    pipeline = AnyresPipeline(bundle, threads=threads)
+    image = Image.fromarray(data.chelsea()).resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    encoded = [pipeline.encode(image) for _ in range(repeats)]
+    pre = statistics.median(e.timings_ms["preprocess"] for e in encoded)
+    enc = statistics.median(e.timings_ms["encode"] for e in encoded)
+    log(f"{len(encoded[0].tiles)} tiles: preprocess {pre:.1f} ms, encode {enc:.1f} ms")
+    cells = []
+    for name in strategies:
+        for k in ([0] if get_strategy(name).keeps_all else budgets):
+            runs = [pipeline.prune_encoded(encoded[0], k, name) for _ in range(repeats)]
+            first = runs[0]
+            cells.append([name, first.tokens, int(first.order.is_newline.sum()), first.order.num_rows,
+                          f"{pre:.1f}", f"{enc:.1f}", f"{statistics.median(r.timings_ms['prune'] for r in runs):.1f}",
+                          f"{statistics.median(r.timings_ms['project'] for r in runs):.1f}"])
+    tiles = len(encoded[0].tiles)
+    header = ["strategy", "K", "newline rows", "rows fed", "preprocess ms", f"encode ms ({tiles} tiles)", "prune ms",
+              "project ms"]
+    return markdown_table(header, cells)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="tools/bench_anyres.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="a LLaVA-NeXT bundle directory")
+    parser.add_argument("--size", type=int, nargs=2, default=[672, 672], metavar=("H", "W"),
+                        help="photo size in pixels (default: 672 672, the 2x2 grid)")
+    parser.add_argument("--strategies", nargs="+", default=["none", "entropy"],
+                        help="strategies (default: none entropy)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[640, 320, 160],
+                        help="budgets K (default: 640 320 160)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats, medians taken (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime threads (default: all cores)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        print(bench_anyres(args.model, tuple(args.size), args.strategies, args.tokens, args.repeats, args.threads))
+        return 0
+
+    return run_cli(body, "bench_anyres")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
