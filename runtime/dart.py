@@ -17,6 +17,8 @@ indices come back int64, sorted ascending. Choices where §7 is silent:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from runtime.errors import InputError
@@ -51,6 +53,16 @@ def dart_quotas(budget: int, image_pivots: int, pivots: int) -> np.ndarray:
     return share + (np.arange(pivots) < extra).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class DartChoice:
+    """What DART chose: the kept rows and the pivots and quotas that chose them."""
+
+    kept: np.ndarray  # [K] int64 image rows, ascending
+    image_pivots: np.ndarray  # [<= p_img] int64 image rows, largest key L1 norm first
+    text_pivots: np.ndarray  # [<= p_txt] int64 text positions, largest first (empty when K <= p_img)
+    quotas: np.ndarray  # [pivots] int64 rows each pivot kept (empty when K <= p_img)
+
+
 def dart_indices(
     image_keys: np.ndarray,
     text_keys: np.ndarray,
@@ -69,6 +81,19 @@ def dart_indices(
     Example: H at 0°, 90°, 180°, 45°, key L1 norms [1, 1, 1, 9], no text, p_img = 1, K = 2: pivot 3
     (45°) keeps the least similar of 0, 1, 2 (cos 0.71, 0.71, −0.71) -> [2, 3].
     """
+    return dart_select(image_keys, text_keys, image_hidden, text_hidden, budget, p_img, p_txt).kept
+
+
+def dart_select(
+    image_keys: np.ndarray,
+    text_keys: np.ndarray,
+    image_hidden: np.ndarray,
+    text_hidden: np.ndarray,
+    budget: int,
+    p_img: int = IMAGE_PIVOTS,
+    p_txt: int = TEXT_PIVOTS,
+) -> DartChoice:
+    """:func:`dart_indices` with the pivots and quotas it used (for reports)."""
     ik = _finite_matrix("image_keys", image_keys)
     tk = _finite_matrix("text_keys", text_keys, allow_empty=True)
     ih = _finite_matrix("image_hidden", image_hidden)
@@ -81,13 +106,15 @@ def dart_indices(
     _check_count("p_img", p_img)
     _check_count("p_txt", p_txt)
     image_pivots = dart_pivots(ik, p_img)
+    none = np.zeros(0, np.int64)
     if budget <= image_pivots.shape[0]:
-        return np.sort(image_pivots[:budget])
-    pivot_hidden = np.concatenate([ih[image_pivots], th[dart_pivots(tk, p_txt)]])
+        return DartChoice(np.sort(image_pivots[:budget]), image_pivots, none, none)
+    text_pivots = dart_pivots(tk, p_txt)
+    pivot_hidden = np.concatenate([ih[image_pivots], th[text_pivots]])
     if pivot_hidden.shape[0] == 0:
         raise InputError(f"dart needs at least one pivot: p_img={p_img}, p_txt={p_txt}, text tokens {m}")
     quotas = dart_quotas(budget, image_pivots.shape[0], pivot_hidden.shape[0])
-    return _pick_least_similar(ih, image_pivots, pivot_hidden, quotas)
+    return DartChoice(_pick_least_similar(ih, image_pivots, pivot_hidden, quotas), image_pivots, text_pivots, quotas)
 
 
 def _pick_least_similar(

@@ -13,6 +13,7 @@ import torch
 from runtime.anyres_pipeline import AnyresPipeline
 from runtime.llm_bundle import open_language_model
 from runtime.template import Conversation, conversation_segments, encode_prompt
+from tests.llm_parity import device_logits, hf_logits
 
 pytestmark = pytest.mark.llm
 
@@ -36,30 +37,14 @@ def setup(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory) -> dict
     llm.close()
 
 
-def _hf_logits(model, prompt, rows: np.ndarray) -> np.ndarray:
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        parts = [embed(torch.tensor([prompt.prefix])), torch.from_numpy(rows)[None],
-                 embed(torch.tensor([prompt.suffix]))]
-        return model(inputs_embeds=torch.cat(parts, dim=1)).logits[0, -1].numpy()
-
-
-def _device_logits(llm, prompt, rows: np.ndarray) -> np.ndarray:
-    llm.reset()
-    llm.eval_tokens(prompt.prefix)
-    llm.eval_embeddings(rows)
-    llm.eval_tokens(prompt.suffix)
-    return llm.logits()
-
-
 @pytest.mark.parametrize(("strategy", "tokens"), [("none", 0), ("entropy", 200), ("divprune", 120)])
 def test_next_rows_logits_equal_hf(setup, photos, strategy: str, tokens: int) -> None:
     result = setup["pipeline"].prune(photos["chelsea"], tokens, strategy)
     rows = result.embeddings
     assert rows.shape[0] == result.order.num_rows and result.order.is_newline.any()
-    expected = _hf_logits(setup["model"], setup["prompt"], rows)
-    got = _device_logits(setup["llm"], setup["prompt"], rows)
+    expected = hf_logits(setup["model"], setup["prompt"], rows)
+    got = device_logits(setup["llm"], setup["prompt"], rows)
     np.testing.assert_allclose(got, expected, rtol=0, atol=LOGIT_ATOL, err_msg=strategy)
     # negative control: the same rows without their newline rows are another prompt
     image_rows = rows[~result.order.is_newline]
-    assert np.abs(_device_logits(setup["llm"], setup["prompt"], image_rows) - expected).max() > 10 * LOGIT_ATOL
+    assert np.abs(device_logits(setup["llm"], setup["prompt"], image_rows) - expected).max() > 10 * LOGIT_ATOL

@@ -18,6 +18,7 @@ from runtime.probe_scores import fastv_scores as device_fastv_scores
 from runtime.probe_scores import probe_queries
 from runtime.selection import top_k
 from runtime.template import Conversation, conversation_segments, encode_prompt
+from tests.llm_parity import device_logits, hf_logits
 
 pytestmark = pytest.mark.llm
 
@@ -34,23 +35,6 @@ def setup(tiny_llm_bundle: Path, photos) -> dict:
     prompt = encode_prompt(segments, llm)
     yield {"pipeline": pipeline, "llm": llm, "prompt": prompt, "photos": photos}
     llm.close()
-
-
-def hf_logits(model, prompt, rows: np.ndarray) -> np.ndarray:
-    """Last-position logits of LlavaForConditionalGeneration on prefix + rows + suffix as inputs_embeds."""
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        parts = [embed(torch.tensor([prompt.prefix])), torch.from_numpy(rows)[None],
-                 embed(torch.tensor([prompt.suffix]))]
-        return model(inputs_embeds=torch.cat(parts, dim=1)).logits[0, -1].numpy()
-
-
-def device_logits(llm: LlamaBackend, prompt, rows: np.ndarray) -> np.ndarray:
-    llm.reset()
-    llm.eval_tokens(prompt.prefix)
-    llm.eval_embeddings(rows)
-    llm.eval_tokens(prompt.suffix)
-    return llm.logits()
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea"])

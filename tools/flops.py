@@ -379,12 +379,15 @@ def markdown(table: CostTable) -> str:
         f"| total % of {n} |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in table.rows:
-        stages = " | ".join(f"{v / TERA:.4f}" for v in (r.vision, r.projector, r.text, r.probe, r.select, r.llm,
-                                                          r.total))
-        lines.append(f"| {r.strategy} | {r.tokens} | {stages} | {100 * r.llm / base.llm:.1f} % "
-                     f"| {100 * r.total / base.total:.1f} % |")
+    lines += [f"| {r.strategy} | {r.tokens} | {_cost_cells(r, base)} |" for r in table.rows]
     return "\n".join(lines)
+
+
+def _cost_cells(row: Cost, base: Cost) -> str:
+    """A table row's stage TFLOPs, total and the LLM/total percentages of ``base``, as markdown cells."""
+    stages = " | ".join(f"{v / TERA:.4f}" for v in (row.vision, row.projector, row.text, row.probe, row.select,
+                                                    row.llm, row.total))
+    return f"{stages} | {100 * row.llm / base.llm:.1f} % | {100 * row.total / base.total:.1f} %"
 
 
 def layer_formula(table: CostTable) -> str:
@@ -421,11 +424,7 @@ def _markdown_next(table: CostTable) -> str:
         "| LLM % of none | total % of none |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in table.rows:
-        stages = " | ".join(f"{v / TERA:.4f}" for v in (r.vision, r.projector, r.text, r.probe, r.select, r.llm,
-                                                          r.total))
-        lines.append(f"| {r.strategy} | {r.tokens} | {r.newlines} | {stages} | {100 * r.llm / base.llm:.1f} % "
-                     f"| {100 * r.total / base.total:.1f} % |")
+    lines += [f"| {r.strategy} | {r.tokens} | {r.newlines} | {_cost_cells(r, base)} |" for r in table.rows]
     return "\n".join(lines)
 
 

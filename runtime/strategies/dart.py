@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.dart import IMAGE_PIVOTS, TEXT_PIVOTS, dart_indices, dart_pivots, dart_quotas
+from runtime.dart import IMAGE_PIVOTS, TEXT_PIVOTS, dart_select
 from runtime.errors import InputError
 from runtime.probe_scores import probe_keys
 from runtime.selection import check_budget
@@ -59,14 +59,11 @@ def dart(inputs: PruneInputs, budget: int, options: DartOptions) -> Selection:
     image = slice(probe.image_start, probe.image_start + probe.num_image)
     text = slice(image.stop, probe.hidden.shape[0])
     keys, hidden = probe_keys(probe), probe.final_hidden
-    kept = dart_indices(keys[image], keys[text], hidden[image], hidden[text], budget,
-                        options.pivots_image, options.pivots_text)
-    image_pivots = dart_pivots(keys[image], options.pivots_image)
-    text_pivots = dart_pivots(keys[text], options.pivots_text) if budget > image_pivots.shape[0] else image_pivots[:0]
-    pivots = image_pivots.shape[0] + text_pivots.shape[0]
-    quotas = dart_quotas(budget, image_pivots.shape[0], pivots) if budget > image_pivots.shape[0] else []
+    choice = dart_select(keys[image], keys[text], hidden[image], hidden[text], budget,
+                         options.pivots_image, options.pivots_text)
+    kept = choice.kept
     # pivots_image: image rows (0..N-1); pivots_text: positions after the image (0 = first token after it)
-    report = {"pivots_image": [int(i) for i in image_pivots], "pivots_text": [int(i) for i in text_pivots],
-              "quotas": [int(q) for q in quotas], "probe_layer": probe.layer}
+    report = {"pivots_image": choice.image_pivots.tolist(), "pivots_text": choice.text_pivots.tolist(),
+              "quotas": choice.quotas.tolist(), "probe_layer": probe.layer}
     ones = np.ones(kept.shape[0], np.int64)
     return Selection(kept=kept, tokens=features[kept].astype(np.float32), counts=ones, report=report)
