@@ -38,9 +38,9 @@ from runtime.errors import BundleError, InputError
 from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
 from runtime.manifest import SCHEMA
 from runtime.model_registry import default_bundle_dir, is_local_path, known_aliases, load_spec
+from runtime.probe import FINAL_PROBE as FINAL_PROBE_GGUF
 
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
-FINAL_PROBE_GGUF = "probe_final.gguf"  # blocks 0..P-1 + the final norm: DART's H (method.md §7)
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)
 
 

@@ -26,8 +26,8 @@ from runtime.types import ProbeOutput
 
 DEFAULT_QUESTION = "Describe the image in detail."  # probe prompt when the caller has none (benchmarks)
 WEIGHT_KEYS = ("q_weight", "k_weight", "n_head", "n_head_kv", "rope_theta", "layer")
-PROBE_REPAIR = "re-run export.llm"
-FINAL_PROBE = "probe_final.gguf"  # when the caller knows no better (open_probe knows the model)
+PROBE_REPAIR = "re-run export.llm"  # when the caller knows no better (open_probe knows the model)
+FINAL_PROBE = "probe_final.gguf"  # blocks 0..P-1 + the final norm (DART's H), written by export.llm
 # what np.load raises for a file that is not a readable .npz (pickled data: ValueError, never unpickled)
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
