@@ -74,7 +74,8 @@ def image_processor_config(path: Path) -> dict[str, Any]:
 
 def spec_for_checkpoint(path: Path) -> ModelSpec:
     """A registry-like spec for a local checkpoint: family and feature layer from config, pad mode from
-    the processor (``do_pad``; LLaVA-NeXT's tiles are never padded to a square: "crop"), the
+    the processor (``do_pad``; LLaVA-NeXT's tiles are never padded to a square: "crop"), the chat
+    template from the language model (Mistral: ``mistral-instruct``, else Vicuna's ``llava-1.5``), the
     method's default pruning settings."""
     from export.llava_next import family_of
 
@@ -86,7 +87,8 @@ def spec_for_checkpoint(path: Path) -> ModelSpec:
     return ModelSpec(
         alias=path.name, repo_id=str(path), revision="local",
         vision_feature_layer=int(config.get("vision_feature_layer", -2)), image_mode="pad" if pad else "crop",
-        chat_template="llava-1.5", pruning=PruningDefaults(), entropyprune_layer=2, family=family,
+        chat_template="mistral-instruct" if config["text_config"].get("model_type") == "mistral" else "llava-1.5",
+        pruning=PruningDefaults(), entropyprune_layer=2, family=family,
     )
 
 

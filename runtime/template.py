@@ -1,8 +1,19 @@
-"""The LLaVA-1.5 conversation template as data, and conversations as segments.
+"""LLaVA's conversation templates as data, and conversations as segments.
 
-LLaVA-1.5 (``conv_vicuna_v1``, separator style TWO) renders
-``"{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"``. Instead of a string
-with ``<image>``/``</s>`` in it, :func:`conversation_segments` returns text pieces and
+Two templates, chosen by name (``models/*.json`` and the manifest's ``chat_template``):
+
+- ``llava-1.5`` (LLaVA-1.5 and LLaVA-NeXT Vicuna; ``conv_vicuna_v1``, separator style TWO):
+  ``"{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:"``.
+- ``mistral-instruct`` (LLaVA-NeXT Mistral, ``llava-hf/llava-v1.6-mistral-7b-hf``), as that
+  checkpoint's own chat template renders it: ``"[INST] <image>\\n{q1} [/INST] {a1}</s> [INST] {q2} [/INST]"``
+  (no system line; a space after each ``</s>``).
+
+Both are tested against the checkpoints' chat templates rendered by Hugging Face
+(``tests/test_template.py``). One deliberate difference: llava-hf's LLaVA-1.5/1.6-Vicuna template
+closes an earlier answer with a space, LLaVA's ``conv_vicuna_v1`` (what the model was trained on)
+with ``</s>``; we keep ``</s>``.
+
+Instead of a string with ``<image>``/``</s>`` in it, :func:`conversation_segments` returns text pieces and
 :class:`Marker` placeholders, so the caller tokenizes each text piece on its own (with
 ``special=False``: user text can never forge a control token), puts the image embeddings where
 ``Marker.IMAGE`` stands and the EOS id where ``Marker.EOS`` stands. Tokenizing each piece
@@ -47,21 +58,34 @@ Segment = str | Marker | AnswerTokens
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    """A two-role conversation format; defaults are LLaVA-1.5's."""
+    """A two-role conversation format as the text around questions and answers.
 
-    system: str = LLAVA_SYSTEM
-    user: str = "USER"
-    assistant: str = "ASSISTANT"
-    separator: str = " "  # after the system line and after each question
-    image_prefix: str = "\n"  # text between the image and the first question
+    A conversation renders as ``system``, then per turn ``user_prefix``, (first turn with an image:
+    ``<image>`` and ``image_suffix``), the question, ``user_suffix``; an answered turn adds
+    ``answer_prefix``, the answer, ``</s>`` and ``answer_suffix``. The model answers after ``user_suffix``.
+    """
+
+    system: str  # before the first turn
+    user_prefix: str
+    image_suffix: str  # between the image and the first question
+    user_suffix: str
+    answer_prefix: str
+    answer_suffix: str  # after the EOS that closes an answer
 
     def __post_init__(self) -> None:
-        if not self.user or not self.assistant:
-            raise ValueError("role names must be non-empty")
+        if not self.user_prefix.strip() or not self.user_suffix.strip():
+            raise ValueError("user_prefix and user_suffix must hold the role text, not only whitespace")
 
 
-LLAVA_1_5 = ChatTemplate()
-TEMPLATES = {"llava-1.5": LLAVA_1_5}
+LLAVA_1_5 = ChatTemplate(
+    system=LLAVA_SYSTEM + " ", user_prefix="USER: ", image_suffix="\n", user_suffix=" ASSISTANT:",
+    answer_prefix=" ", answer_suffix="",
+)
+MISTRAL_INSTRUCT = ChatTemplate(
+    system="", user_prefix="[INST] ", image_suffix="\n", user_suffix=" [/INST]", answer_prefix=" ",
+    answer_suffix=" ",
+)
+TEMPLATES = {"llava-1.5": LLAVA_1_5, "mistral-instruct": MISTRAL_INSTRUCT}
 
 
 def get_template(name: str) -> ChatTemplate:
@@ -103,21 +127,22 @@ class Conversation:
 
 
 def conversation_segments(conversation: Conversation, template: ChatTemplate = LLAVA_1_5) -> tuple[Segment, ...]:
-    """Text pieces and markers of a conversation; ends with ``"ASSISTANT:"`` when the last turn
-    is pending. Example (one pending turn, image):
+    """Text pieces and markers of a conversation; ends with ``template.user_suffix`` when the last
+    turn is pending. Example (``llava-1.5``, one pending turn, image):
     ``("{system} USER: ", Marker.IMAGE, "\\nWhat is it? ASSISTANT:")``."""
     if not conversation.turns:
         raise ValueError("a conversation needs at least one question")
-    pieces: list[Segment] = [template.system + template.separator]
+    pieces: list[Segment] = [template.system]
     for i, turn in enumerate(conversation.turns):
-        pieces.append(f"{template.user}: ")
+        pieces.append(template.user_prefix)
         if i == 0 and conversation.has_image:
-            pieces += [Marker.IMAGE, template.image_prefix]
-        pieces.append(f"{turn.question}{template.separator}{template.assistant}:")
-        if turn.answer is not None and turn.answer_ids is not None:
-            pieces += [AnswerTokens(f" {turn.answer}", turn.answer_ids), Marker.EOS]
-        elif turn.answer is not None:
-            pieces += [f" {turn.answer}", Marker.EOS]
+            pieces += [Marker.IMAGE, template.image_suffix]
+        pieces.append(f"{turn.question}{template.user_suffix}")
+        if turn.answer is None:
+            continue
+        text = f"{template.answer_prefix}{turn.answer}"
+        pieces += [AnswerTokens(text, turn.answer_ids) if turn.answer_ids is not None else text, Marker.EOS,
+                   template.answer_suffix]
     return _merge_text(pieces)
 
 
