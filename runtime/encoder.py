@@ -16,7 +16,7 @@ import onnxruntime as ort
 from runtime.errors import BundleError
 from runtime.manifest import EXPORT_ID_KEY, VisionInfo, check_export_id
 from runtime.ort_session import open_session
-from runtime.types import EncoderOutput
+from runtime.types import EncoderOutput, EncoderTiles
 
 INPUT = "pixel_values"
 OUTPUTS = ("features", "cls_attn", "keys")
@@ -118,15 +118,14 @@ class Encoder:
                                   f"{(batch, *self.shapes[name][1:])}; {self.repair}")
             check_finite(self.path, name, values, self.repair)
 
-    def encode_batch(self, pixel_values: np.ndarray) -> list[EncoderOutput]:
-        """``[B,3,S,S] float32 -> B EncoderOutputs``."""
+    def encode_batch(self, pixel_values: np.ndarray) -> EncoderTiles:
+        """``[T,3,S,S] float32 -> EncoderTiles`` (tile axis first; ``[t]`` is one tile's EncoderOutput)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be [B, 3, S, S], got {pixel_values.shape}")
         values = self.session.run(list(OUTPUTS), {INPUT: pixel_values.astype(np.float32)})
         outputs = dict(zip(OUTPUTS, values, strict=True))
         self._check_outputs(outputs, pixel_values.shape[0])
-        features, cls_attn, keys = values
-        return [EncoderOutput(features[i], cls_attn[i], keys[i]) for i in range(pixel_values.shape[0])]
+        return EncoderTiles(*values)
 
     def encode(self, pixel_values: np.ndarray) -> EncoderOutput:
         """``[3,S,S] float32 -> EncoderOutput``."""

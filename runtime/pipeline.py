@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +19,13 @@ from PIL import Image
 
 from runtime.clip_text import ClipSpace, open_clip_space
 from runtime.encoder import Encoder
-from runtime.errors import InputError, SettingError
+from runtime.errors import BundleError, InputError, SettingError
 from runtime.manifest import Manifest, load_manifest, repair_command
 from runtime.preprocess import PreprocessConfig, load_image, preprocess
 from runtime.projector import Projector
+from runtime.prompt_cache import ImageRows, check_positions
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
+from runtime.strategies.capabilities import refusal
 from runtime.strategies.registry import TEXT_TOWER, Strategy, get_strategy
 from runtime.types import EncoderOutput, ProbeOutput, PruneInputs, Selection
 
@@ -46,6 +48,16 @@ class PrunedImage:
     @property
     def tokens(self) -> int:
         return int(self.kept.shape[0])
+
+    def image_rows(self, key: Hashable, positions: str = "packed") -> ImageRows:
+        """The rows as the language model is fed them (method.md §6). ``packed``: consecutive.
+        ``original``: each row at its kept patch's index (a merged row: the kept patch's), the
+        text after the image at N; rows in ascending patch order (they already are for every
+        registered strategy). Strategy ``none`` gives the same positions either way."""
+        if check_positions(positions) == "packed":
+            return ImageRows(key, self.embeddings)
+        order = np.argsort(self.kept, kind="stable")
+        return ImageRows(key, self.embeddings[order], self.kept[order], self.num_patches)
 
 
 class _Timer:
@@ -136,6 +148,7 @@ class Pipeline:
         chosen = get_strategy(strategy)
         budget = self.check_budget(encoded.num_patches if chosen.keeps_all else tokens)
         opts = self.options_for(strategy, options)
+        self.check_strategy(chosen)
         require_question(chosen, question)
         if chosen.needs_probe and probe is None:
             raise InputError(f"strategy {strategy!r} needs the language-model probe: run "
@@ -154,6 +167,13 @@ class Pipeline:
         return PrunedImage(embeddings, selection.kept, selection.counts, selection.assignment_for(encoded.num_patches),
                            strategy, encoded.num_patches,
                            _with_curves(selection, encoded), dict(timer.ms))
+
+    def check_strategy(self, strategy: Strategy) -> None:
+        """A one-line BundleError when this bundle lacks what ``strategy`` needs (the probe, the text
+        tower, a score map: ``runtime.strategies.capabilities``), naming the command that adds it."""
+        reason = refusal(strategy, self.manifest)
+        if reason:
+            raise BundleError(reason)
 
     def check_budget(self, tokens: int) -> int:
         """``1 <= K <= N`` or a one-line InputError."""

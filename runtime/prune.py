@@ -17,13 +17,15 @@ import numpy as np
 from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.atomic import write_atomic
 from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
-from runtime.errors import InputError
+from runtime.errors import BundleError, InputError
 from runtime.manifest import Manifest, load_manifest
 from runtime.model_registry import bundle_path
 from runtime.ort_session import available_providers
 from runtime.pipeline import Pipeline, PrunedImage, require_question
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+from runtime.prompt_cache import POSITION_MODES, ImageRows
+from runtime.strategies.capabilities import format_table, refusal, strategy_table
 from runtime.strategies.registry import available, get_strategy
 
 
@@ -63,6 +65,11 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--newline", default="rows", choices=("rows", "none"),
                         help="LLaVA-NeXT bundles: an image_newline row after every packed row that kept a token, "
                              "or none (default: rows)")
+    parser.add_argument("--positions", default="packed", choices=POSITION_MODES,
+                        help="positions of the kept rows in the language model: consecutive (packed), or the ones "
+                             "they had with every row present, the text after the image where the full image ends "
+                             "(original; costs one llama.cpp decode per run of consecutive kept rows) "
+                             "(default: packed)")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,7 +79,16 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
             "layer": args.layer, "pivots_image": args.pivots_image, "pivots_text": args.pivots_text}
 
 
-def result_json(result: PrunedImage) -> dict[str, Any]:
+def positions_json(rows: ImageRows, mode: str) -> dict[str, Any]:
+    """``positions`` (the mode) and, for ``original``, the positions fed: each row's offset from the
+    image's first position (``row_positions``) and the positions the image spans (``positions_span``:
+    the text after it starts there)."""
+    if mode == "packed":
+        return {"positions": mode}
+    return {"positions": mode, "row_positions": [int(p) for p in rows.offsets], "positions_span": rows.width}
+
+
+def result_json(result: PrunedImage, positions: str = "packed") -> dict[str, Any]:
     """The ``--json`` object."""
     report = dict(result.report)
     return {
@@ -85,6 +101,7 @@ def result_json(result: PrunedImage) -> dict[str, Any]:
         "entropy": report.pop("entropy"),
         "kl": report.pop("kl"),
         **report,
+        **positions_json(result.image_rows(None, positions), positions),
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
     }
 
@@ -110,7 +127,7 @@ def save_npz(path: Path, result: PrunedImage) -> None:
     write_atomic(path, lambda handle: handle.write(buffer.getvalue()))
 
 
-def anyres_json(result: PrunedAnyres) -> dict[str, Any]:
+def anyres_json(result: PrunedAnyres, positions: str = "packed") -> dict[str, Any]:
     """The ``--json`` object of a LLaVA-NeXT image: per tile k_t and its strategy report, rows fed."""
     order = result.order
     return {
@@ -120,6 +137,7 @@ def anyres_json(result: PrunedAnyres) -> dict[str, Any]:
         "tiles": [{"tile": t.tile, "candidates": t.candidates, "kept": t.kept,
                    **{k: v for k, v in t.report.items() if k not in ("entropy", "kl")}} for t in result.tiles],
         "rows_source": [[int(t), int(p)] for t, p in zip(order.source_tile, order.source_patch, strict=True)],
+        **positions_json(result.image_rows(None, positions), positions),
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
     }
 
@@ -127,10 +145,14 @@ def anyres_json(result: PrunedAnyres) -> dict[str, Any]:
 def prune_anyres(manifest: Manifest, image: Any, args: argparse.Namespace) -> int:
     """``runtime.prune`` on a LLaVA-NeXT bundle (prints the summary or ``--json``; ``--save``)."""
     pipeline = AnyresPipeline(manifest, args.provider, args.threads, args.int8)
-    result = pipeline.prune(image, args.tokens, args.strategy, args.tile_budget, args.newline, args.question,
+    probe = None
+    if get_strategy(args.strategy).needs_probe:  # one probe of all the image's packed rows (runtime.anyres_probe)
+        probe = probe_from_manifest(manifest, args.question or DEFAULT_QUESTION, n_threads=args.threads,
+                                    n_ctx=pipeline.probe_context())
+    result = pipeline.prune(image, args.tokens, args.strategy, args.tile_budget, args.newline, args.question, probe,
                             **method_options(args))
     if args.json:
-        print(json.dumps(anyres_json(result)))
+        print(json.dumps(anyres_json(result, args.positions)))
     else:
         per_tile = ", ".join(str(t.kept) for t in result.tiles)
         print(f"strategy {result.strategy}: kept {result.tokens} tokens over {len(result.tiles)} tiles "
@@ -167,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="check every bundle file against the sha256 its export recorded, then exit "
                              "(reads every byte; default: off, loading checks sizes and export ids only)")
+    parser.add_argument("--list-strategies", action="store_true",
+                        help="list every strategy, what it needs and whether this bundle can run it, then exit")
     parser.add_argument("--question", default=None,
                         help="the question to prune for: required by the question-aware strategies (cdpruner, "
                              "dart); the other probe strategies (entropyprune, fastv) see it in their prompt "
@@ -176,12 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.check:
             return check(bundle_path(args.model))
+        if args.list_strategies:
+            print(format_table(strategy_table(load_manifest(bundle_path(args.model)))))
+            return 0
         if args.image is None:
             raise InputError("give an IMAGE to prune (or --check to check the bundle)")
         strategy = get_strategy(args.strategy)
         require_question(strategy, args.question)  # before anything loads
         image = load_image(args.image)  # a bad image fails before the sessions load
         manifest = load_manifest(bundle_path(args.model))
+        reason = refusal(strategy, manifest)
+        if reason:  # before any session loads
+            raise BundleError(reason)
         if manifest.anyres is not None:
             return prune_anyres(manifest, image, args)
         pipeline = Pipeline(manifest, args.provider, args.threads, args.int8)
@@ -189,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if strategy.needs_probe:  # EntropyPrune/FastV/DART: the bundle's llama.cpp probe
             probe = probe_from_manifest(pipeline.manifest, args.question or DEFAULT_QUESTION, n_threads=args.threads)
         result = pipeline.prune(image, args.tokens, args.strategy, probe, args.question, **method_options(args))
-        print(json.dumps(result_json(result)) if args.json else summary(result))
+        print(json.dumps(result_json(result, args.positions)) if args.json else summary(result))
         if args.save:
             save_npz(args.save, result)
         return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,43 @@ class EncoderOutput:
 
 
 @dataclass(frozen=True)
+class EncoderTiles(Sequence[EncoderOutput]):
+    """The encoder's outputs for T tiles of one image, tile axis first (T = 1 for LLaVA-1.5's single
+    view; LLaVA-NeXT: the base view, then the grid tiles row-major). Indexing gives one tile's
+    :class:`EncoderOutput` (views, no copy): the strategies work on one tile at a time."""
+
+    features: np.ndarray  # [T, N, D] float32
+    cls_attn: np.ndarray  # [T, f, H, N] float32
+    keys: np.ndarray  # [T, N, D/H] float32
+
+    def __post_init__(self) -> None:
+        t, n, _ = self.features.shape
+        if self.cls_attn.ndim != 4 or self.cls_attn.shape[0] != t or self.cls_attn.shape[3] != n:
+            raise ValueError(f"cls_attn must be [{t}, f, H, {n}], got {self.cls_attn.shape}")
+        if self.keys.ndim != 3 or self.keys.shape[:2] != (t, n):
+            raise ValueError(f"keys must be [{t}, {n}, D/H], got {self.keys.shape}")
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.features.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_tiles
+
+    def __getitem__(self, t):  # type: ignore[override]
+        if isinstance(t, slice):
+            return tuple(self[i] for i in range(*t.indices(self.num_tiles)))
+        if not -self.num_tiles <= t < self.num_tiles:
+            raise IndexError(f"tile {t} of {self.num_tiles}")
+        return EncoderOutput(self.features[t], self.cls_attn[t], self.keys[t])
+
+    @classmethod
+    def single(cls, encoded: EncoderOutput) -> EncoderTiles:
+        """One view as T = 1."""
+        return cls(encoded.features[None], encoded.cls_attn[None], encoded.keys[None])
+
+
+@dataclass(frozen=True)
 class ProbeOutput:
     """What the language-model probe (the first P-1 decoder layers in llama.cpp) returns.
 
@@ -46,7 +83,7 @@ class ProbeOutput:
 
     hidden: np.ndarray  # [T, d_model] float32
     image_start: int  # position of the first image row in the probed sequence
-    num_image: int  # N: image rows probed (all patches)
+    num_image: int  # image rows probed: all N patches (LLaVA-NeXT: every packed row, newlines included)
     q_weight: np.ndarray  # [n_head * d_head, d_model] float32: W_q of layer P-1 (HF layout)
     k_weight: np.ndarray  # [n_head_kv * d_head, d_model] float32: W_k of layer P-1 (HF layout)
     n_head: int
@@ -54,6 +91,10 @@ class ProbeOutput:
     rope_theta: float  # RoPE base (HF rotate-half convention, positions 0..T-1)
     layer: int | None = None  # P-1: the 0-based decoder layer whose W_q/W_k are given, if known
     final_hidden: np.ndarray | None = None  # [T, d_model] float32: norm(h_P), final norm; when asked (DART)
+    # [n] int64: positions of the rows a strategy chooses among, in its patch order, all inside the image
+    # block (LLaVA-NeXT: one tile's candidates in the probe of every packed row, runtime.anyres_probe);
+    # None: the whole block image_start..+num_image
+    candidates: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         t, d = self.hidden.shape
@@ -61,8 +102,20 @@ class ProbeOutput:
             raise ValueError(f"final_hidden must be [{t}, {d}] like hidden, got {self.final_hidden.shape}")
         if not 0 <= self.image_start <= self.image_start + self.num_image <= t:
             raise ValueError(f"image rows [{self.image_start}, +{self.num_image}) outside [0, {t})")
+        c = self.candidates
+        if c is not None and (c.ndim != 1 or c.dtype.kind not in "iu" or np.unique(c).size != c.size or (
+                c.size and (c.min() < self.image_start or c.max() >= self.image_start + self.num_image))):
+            raise ValueError(f"candidates must be distinct integer positions in [{self.image_start}, "
+                             f"{self.image_start + self.num_image}), got {c.dtype} {c.shape}")
         if self.q_weight.shape[1] != d or self.q_weight.shape[0] % self.n_head:
             raise ValueError(f"q_weight must be [n_head*d_head, {d}], got {self.q_weight.shape}")
+
+    @property
+    def image_rows(self) -> np.ndarray:
+        """``[n]`` int64 positions of the rows a strategy chooses among: ``candidates``, else the image block."""
+        if self.candidates is not None:
+            return self.candidates.astype(np.int64)
+        return np.arange(self.image_start, self.image_start + self.num_image, dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,12 @@ analyses can compare layer statistics across strategies; they cost O(f N).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from runtime.scoring import layer_distributions, layer_entropy, layer_kl
+from runtime.scoring import layer_distributions
 from runtime.selection import check_budget, top_k
-from runtime.strategies.registry import register
+from runtime.strategies.registry import CLS_ATTN, register
 from runtime.types import EncoderOutput, PruneInputs, Selection
 
 
@@ -36,7 +35,7 @@ def uniform(inputs: PruneInputs, budget: int, options: NoOptions) -> Selection:
     return _unmerged(encoded, uniform_indices(encoded.num_patches, budget))
 
 
-@register("fastervlm", NoOptions)
+@register("fastervlm", NoOptions, needs=(CLS_ATTN,))
 def fastervlm(inputs: PruneInputs, budget: int, options: NoOptions) -> Selection:
     """Top K patches by S^f, the head-mean [CLS] attention of the last computed block f."""
     encoded = inputs.encoded
@@ -56,12 +55,8 @@ def uniform_indices(num_patches: int, budget: int) -> np.ndarray:
 
 
 def _unmerged(encoded: EncoderOutput, kept: np.ndarray) -> Selection:
-    """Selection of the ``kept`` features as they are, counts 1, with the layer curves reported."""
-    dists = layer_distributions(encoded.cls_attn)
-    report: dict[str, Any] = {
-        "entropy": [float(v) for v in layer_entropy(dists)],
-        "kl": [float(v) for v in layer_kl(dists)],
-    }
+    """Selection of the ``kept`` features as they are, counts 1. The H(l)/KL(l) curves are added by
+    the pipeline (``runtime.pipeline``), so a strategy that never reads the [CLS] rows does not here."""
     tokens = np.asarray(encoded.features[kept], dtype=np.float32)
     counts = np.ones(kept.shape[0], dtype=np.int64)
-    return Selection(kept=kept, tokens=tokens, counts=counts, report=report)
+    return Selection(kept=kept, tokens=tokens, counts=counts, report={})

@@ -11,7 +11,7 @@ from runtime.dpp import conditional_kernel, fill_by_relevance, greedy_map, relev
 from runtime.errors import InputError
 from runtime.selection import check_budget
 from runtime.strategies.probing import score_summary
-from runtime.strategies.registry import QUESTION, TEXT_TOWER, register
+from runtime.strategies.registry import PROJECTOR, QUESTION, TEXT_TOWER, register
 from runtime.types import PruneInputs, Selection
 
 
@@ -29,7 +29,7 @@ class CdprunerOptions:
             raise ValueError(f"relevance_weight must lie in [0, 1), got {theta!r}")
 
 
-@register("cdpruner", CdprunerOptions, needs=(QUESTION, TEXT_TOWER))
+@register("cdpruner", CdprunerOptions, needs=(QUESTION, TEXT_TOWER, PROJECTOR))
 def cdpruner(inputs: PruneInputs, budget: int, options: CdprunerOptions) -> Selection:
     """Strategy ``cdpruner``: K rows of the DPP ``diag(r) S diag(r)`` on E = project(features)."""
     features = inputs.encoded.features

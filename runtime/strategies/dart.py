@@ -18,7 +18,7 @@ from runtime.errors import InputError
 from runtime.probe_scores import probe_keys
 from runtime.selection import check_budget
 from runtime.strategies.probing import probe_projected_patches
-from runtime.strategies.registry import PROBE, QUESTION, register
+from runtime.strategies.registry import PROBE, PROBE_FINAL, PROJECTOR, QUESTION, register
 from runtime.types import PruneInputs, Selection
 
 
@@ -44,7 +44,7 @@ class DartOptions:
             raise ValueError(f"layer must be an integer >= 2, got {self.layer!r}")
 
 
-@register("dart", DartOptions, needs=(PROBE, QUESTION))
+@register("dart", DartOptions, needs=(PROBE, PROBE_FINAL, QUESTION, PROJECTOR))
 def dart(inputs: PruneInputs, budget: int, options: DartOptions) -> Selection:
     """Strategy ``dart``: image pivots ∪ each pivot's quota of least-similar rows, ascending."""
     features = inputs.encoded.features
@@ -56,8 +56,8 @@ def dart(inputs: PruneInputs, budget: int, options: DartOptions) -> Selection:
                          f"probe is cut at P={p} (export.llm's entropyprune_layer); use layer {p}")
     if probe.final_hidden is None:
         raise InputError("dart needs the final-norm probe's hidden states (re-run export.llm)")
-    image = slice(probe.image_start, probe.image_start + probe.num_image)
-    text = slice(image.stop, probe.hidden.shape[0])
+    image = probe.image_rows  # the strategy's candidates (LLaVA-NeXT: one tile's, never a newline row)
+    text = slice(probe.image_start + probe.num_image, probe.hidden.shape[0])
     keys, hidden = probe_keys(probe), probe.final_hidden
     choice = dart_select(keys[image], keys[text], hidden[image], hidden[text], budget,
                          options.pivots_image, options.pivots_text)

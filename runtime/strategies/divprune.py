@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.selection import check_budget
-from runtime.strategies.registry import register
+from runtime.strategies.registry import PROJECTOR, register
 from runtime.types import PruneInputs, Selection
 
 NORM_FLOOR = 1e-6  # embedding norms are clipped here before the cosine (as in method.md §1)
@@ -64,7 +64,7 @@ def divprune_indices(dist: np.ndarray, budget: int) -> np.ndarray:
     return np.sort(np.asarray(order, dtype=np.int64))
 
 
-@register("divprune", DivPruneOptions)
+@register("divprune", DivPruneOptions, needs=(PROJECTOR,))
 def divprune(inputs: PruneInputs, budget: int, options: DivPruneOptions) -> Selection:
     """Strategy ``divprune``: select on E = project(features), return the raw kept features.
 

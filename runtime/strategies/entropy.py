@@ -11,7 +11,7 @@ import numpy as np
 from runtime.merging import MERGE_MODES, merge_tokens
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.selection import RULES, choose_layers, select_dual, split_budget
-from runtime.strategies.registry import register
+from runtime.strategies.registry import CLS_ATTN, register
 from runtime.types import PruneInputs, Selection
 
 
@@ -43,7 +43,7 @@ class EntropyOptions:
             object.__setattr__(self, "fixed", _layer_pair("fixed", self.fixed, ordered=False))
 
 
-@register("entropy", EntropyOptions)
+@register("entropy", EntropyOptions, needs=(CLS_ATTN,))
 def entropy_strategy(inputs: PruneInputs, budget: int, options: EntropyOptions) -> Selection:
     """Keep K = ``budget`` patches chosen by the entropy-selected shallow and deep layers."""
     encoded = inputs.encoded

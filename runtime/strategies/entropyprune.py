@@ -17,7 +17,7 @@ from runtime.matrix_entropy import head_entropy_scores
 from runtime.probe_scores import probe_queries
 from runtime.selection import check_budget, top_k
 from runtime.strategies.probing import probe_projected_patches, score_summary
-from runtime.strategies.registry import PROBE, register
+from runtime.strategies.registry import PROBE, PROJECTOR, register
 from runtime.types import PruneInputs, Selection
 
 
@@ -44,7 +44,7 @@ def entropyprune_budget(avg: int, n_layers: int, p: int, n_image: int) -> int:
     return int(kept)
 
 
-@register("entropyprune", EntropyPruneOptions, needs=(PROBE,))
+@register("entropyprune", EntropyPruneOptions, needs=(PROBE, PROJECTOR))
 def entropyprune(inputs: PruneInputs, budget: int, options: EntropyPruneOptions) -> Selection:
     """Strategy ``entropyprune``: the K image queries of highest head entropy, ascending."""
     features = inputs.encoded.features

@@ -10,7 +10,7 @@ import numpy as np
 from runtime.probe_scores import fastv_scores
 from runtime.selection import check_budget, top_k
 from runtime.strategies.probing import probe_projected_patches, score_summary
-from runtime.strategies.registry import PROBE, register
+from runtime.strategies.registry import PROBE, PROJECTOR, register
 from runtime.types import PruneInputs, Selection
 
 
@@ -19,7 +19,7 @@ class FastVOptions:
     """FastV has no options: the layer P is fixed by the exported probe."""
 
 
-@register("fastv", FastVOptions, needs=(PROBE,))
+@register("fastv", FastVOptions, needs=(PROBE, PROJECTOR))
 def fastv(inputs: PruneInputs, budget: int, options: FastVOptions) -> Selection:
     """Strategy ``fastv``: top K head-mean attention scores of the last position, ascending."""
     features = inputs.encoded.features

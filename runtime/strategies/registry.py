@@ -19,8 +19,12 @@ from runtime.types import PruneInputs, Selection
 StrategyFn = Callable[[PruneInputs, int, Any], Selection]
 
 
-PROBE, QUESTION, TEXT_TOWER = "probe", "question", "text_tower"
-NEEDS = frozenset({PROBE, QUESTION, TEXT_TOWER})
+# What a strategy may need besides the patch features: the vision graph's score maps, the projector,
+# the language-model probe (and its final-norm variant), the user's question, the CLIP text tower.
+# ``runtime.strategies.capabilities`` matches them against what a bundle provides.
+CLS_ATTN, KEYS, PROJECTOR = "cls_attn", "keys", "projector"
+PROBE, PROBE_FINAL, QUESTION, TEXT_TOWER = "probe", "probe_final", "question", "text_tower"
+NEEDS = frozenset({CLS_ATTN, KEYS, PROJECTOR, PROBE, PROBE_FINAL, QUESTION, TEXT_TOWER})
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,8 @@ class Strategy:
     name: str
     run: StrategyFn
     options: type  # a frozen dataclass whose fields are the strategy's keyword options
-    # what it reads besides the encoder's outputs and the projector: PROBE (the language-model probe),
-    # QUESTION (the user's question: required, no default prompt), TEXT_TOWER (the CLIP text tower)
+    # what it reads besides the patch features (NEEDS above); QUESTION: the user's question is
+    # required (no default prompt)
     needs: frozenset[str] = frozenset()
     keeps_all: bool = False  # True: every row is kept whatever the budget (the unpruned baseline, K = N)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.selection import check_budget
-from runtime.strategies.registry import register
+from runtime.strategies.registry import CLS_ATTN, KEYS, register
 from runtime.types import PruneInputs, Selection
 
 NORM_FLOOR = 1e-6  # key norms are clipped here before the cosine (as in method.md §1)
@@ -83,7 +83,7 @@ def visionzip_select(features: np.ndarray, cls_attn: np.ndarray, keys: np.ndarra
     return Selection(kept=kept, tokens=tokens, counts=counts, report=report, assignment=assignment)
 
 
-@register("visionzip", VisionZipOptions)
+@register("visionzip", VisionZipOptions, needs=(CLS_ATTN, KEYS))
 def visionzip(inputs: PruneInputs, budget: int, options: VisionZipOptions) -> Selection:
     """Strategy ``visionzip``: the block-f [CLS] attention and keys of the encoder output."""
     enc = inputs.encoded
