@@ -1,10 +1,16 @@
-"""Our own converter of LLaVA's LLaMA language model to GGUF (llama.cpp's ``llama`` architecture).
+"""Our own converter of LLaVA's LLaMA or Mistral language model to GGUF (llama.cpp's ``llama`` architecture).
 
 The checkpoint is read lazily with ``safetensors.safe_open``, one tensor at a time, and streamed
 into the GGUF file, so a 7B model converts in a few GB of RAM. Tensor names and the q/k row
 permutation follow llama.cpp's ``convert_hf_to_gguf.py`` (``LlamaModel``): llama.cpp applies RoPE
 to adjacent pairs (GPT-J style) while Hugging Face rotates halves, so the rows of each q/k head
 are interleaved here. Weights are written as f32 (``dtype="f32"``) or f16 (2-D) / f32 (1-D norms).
+
+Mistral-7B (LLaVA-NeXT Mistral's ``text_config``, ``model_type`` "mistral") is the LLaMA graph with
+grouped-query attention (8 key/value heads for 32 query heads) and RoPE base 1e6, so it is written as
+``llama`` too, as ``convert_hf_to_gguf.py`` does: k rows are permuted per key/value head and
+``rope_freq_base`` comes from the config. llama.cpp's ``llama`` has no sliding-window attention, so a
+Mistral config with ``sliding_window`` set (Mistral-7B v0.1's 4096) is refused; v0.2 (LLaVA-NeXT's) has none.
 """
 
 from __future__ import annotations
@@ -39,11 +45,12 @@ LAYER_TENSORS = {  # HF suffix of model.layers.N -> GGUF suffix of blk.N
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 DTYPES = ("f32", "f16")
+LM_TYPES = ("llama", "mistral")  # text_config.model_type values written as llama.cpp's "llama"
 
 
 @dataclass(frozen=True)
 class LlamaHParams:
-    """The language model's hyper-parameters (Hugging Face ``LlamaConfig`` with its defaults)."""
+    """The language model's hyper-parameters (Hugging Face ``LlamaConfig``/``MistralConfig`` with their defaults)."""
 
     n_vocab: int
     n_embd: int
@@ -66,7 +73,7 @@ class LlamaHParams:
 
 
 def read_hparams(model_dir: Path) -> LlamaHParams:
-    """The text model's config (``text_config`` of a LLaVA, or a plain ``LlamaForCausalLM``)."""
+    """The text model's config (``text_config`` of a LLaVA, or a plain ``LlamaForCausalLM``/``MistralForCausalLM``)."""
     from transformers import AutoConfig
 
     try:
@@ -74,8 +81,15 @@ def read_hparams(model_dir: Path) -> LlamaHParams:
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(f"cannot read the config of {model_dir}: {str(err).splitlines()[0]}") from None
     text = getattr(config, "text_config", config)
-    if text.model_type != "llama":
-        raise ModelNotFoundError(f"language model type {text.model_type!r} is not supported (only 'llama')")
+    if text.model_type not in LM_TYPES:
+        raise ModelNotFoundError(
+            f"language model type {text.model_type!r} is not supported (only {', '.join(map(repr, LM_TYPES))})"
+        )
+    if getattr(text, "sliding_window", None) is not None:
+        raise ModelNotFoundError(
+            f"sliding-window attention (sliding_window={text.sliding_window}) is not supported: "
+            "llama.cpp's llama architecture attends to the whole context"
+        )
     rope = dict(getattr(text, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         raise ModelNotFoundError(f"RoPE scaling {rope.get('rope_type')!r} is not supported (only 'default')")
@@ -179,16 +193,18 @@ def write_llama_gguf(
     permute: bool = True,
     progress: bool = False,
     export_id: str | None = None,
+    hparams: LlamaHParams | None = None,
 ) -> LlamaHParams:
     """Convert the checkpoint's language model into one GGUF at ``out`` (f32 or f16); ``progress``
     shows a tqdm bar over the bytes written (stderr); ``export_id`` is stored under
     ``runtime.manifest.EXPORT_ID_KEY`` (``llama_model_quantize`` copies it to the quantised file).
 
-    ``permute=False`` skips the q/k permutation; it exists only for the negative-control test.
+    ``permute=False`` skips the q/k permutation and ``hparams`` replaces the checkpoint's
+    (default: :func:`read_hparams`); both exist only for negative-control tests.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    hp = read_hparams(model_dir)
+    hp = read_hparams(model_dir) if hparams is None else hparams
     vocab = read_spm_vocab(
         model_dir,
         hp.n_vocab,

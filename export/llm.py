@@ -3,7 +3,7 @@
 ``python -m export.llm --model ALIAS_OR_PATH [--quant q4_k_m|q4_0|q8_0|f16|f32] [--out DIR]
 [--gguf PATH] [--force]``
 
-Runs after ``export.clip`` (which writes ``DIR/manifest.json``): converts the checkpoint's LLaMA
+Runs after ``export.clip`` (which writes ``DIR/manifest.json``): converts the checkpoint's LLaMA or Mistral
 with our own converter (:mod:`export.gguf_llama`) to f32/f16, builds ``probe.gguf`` and
 ``probe_weights.npz`` (EntropyPrune, FastV, DART's keys) and ``probe_final.gguf`` (DART's ``H``)
 from that file (so the probes stay f32/f16: f32 when ``--quant f32``, else

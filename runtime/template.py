@@ -202,12 +202,14 @@ class PromptTokens:
 
 def _encode(pieces: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
     ids: list[int] = []
-    for piece in pieces:
+    for previous, piece in zip((None, *pieces), pieces, strict=False):  # previous: None first
         if piece is Marker.EOS:
             ids.append(tokenizer.eos_token)
         elif isinstance(piece, AnswerTokens):
             ids += piece.ids
         elif isinstance(piece, str):
+            if previous is Marker.EOS and piece.startswith(" "):
+                piece = piece[1:]  # the dummy-prefix space is the one after "</s>" (mistral-instruct's "</s> [INST]")
             ids += tokenizer.tokenize(piece, add_bos=False, special=False)
         else:
             raise InputError(f"cannot tokenize {piece}; cut the prompt at the image first")
@@ -216,7 +218,11 @@ def _encode(pieces: Sequence[Segment], tokenizer: Tokenizer) -> list[int]:
 
 def encode_prompt(segments: tuple[Segment, ...], tokenizer: Tokenizer) -> PromptTokens:
     """Tokenize each text piece on its own (``special=False``), ``Marker.EOS`` -> EOS id, BOS
-    first; split at the image. Example: ("A ", IMAGE, "B", EOS) -> prefix [bos, *A], suffix [*B, eos]."""
+    first; split at the image. Example: ("A ", IMAGE, "B", EOS) -> prefix [bos, *A], suffix [*B, eos].
+
+    A piece after ``Marker.EOS`` that starts with a space gives that space to SentencePiece's dummy
+    prefix: ``"</s> [INST]"`` -> ``</s> ▁[INST]``, as Hugging Face's tokenizer encodes the rendered
+    string (and as LLaVA's ``"</s>[INST]"`` was tokenized in training), not ``</s> ▁▁[INST]``."""
     split = split_at_image(segments)
     bos = [tokenizer.bos_token] if tokenizer.bos_token >= 0 else []
     return PromptTokens(

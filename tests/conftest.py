@@ -99,6 +99,15 @@ def tiny_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mistral_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_next_dir`` with LLaVA-NeXT Mistral's kind of language model: a tiny ``MistralConfig`` (GQA 8/2
+    heads, RoPE base 1e6, no sliding window, embedding rows padded to a multiple of 64)."""
+    from tools.make_tiny_llava import build_tiny_llava_next
+
+    return build_tiny_llava_next(tmp_path_factory.mktemp("tiny_mistral_next"), lm="mistral")
+
+
+@pytest.fixture(scope="session")
 def tiny_next_bundle(tiny_next_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA-NeXT exported by the CLI ``python -m export.clip`` (validated, with its text tower)."""
     from export.clip import main

@@ -242,3 +242,14 @@ def test_every_registry_model_names_a_known_template() -> None:
     assert {names[k] for k in names if k != "llava-v1.6-mistral-7b"} == {"llava-1.5"}
     assert all(isinstance(get_template(name), ChatTemplate) for name in names.values())
     assert get_template("mistral-instruct") is MISTRAL_INSTRUCT
+
+
+def test_space_after_eos_is_the_dummy_prefix() -> None:
+    """mistral-instruct's ``"</s> [INST]"``: the piece after EOS is tokenized without its first space (the
+    tokenizer's dummy prefix stands for it); a piece after EOS without a space (Vicuna's) is unchanged."""
+    tokens = encode_prompt(("A", Marker.EOS, " B", Marker.EOS, "C"), FakeTokenizer())
+    assert tokens.prefix == (1, 75, 2, 76, 2, 77)  # BOS, 'A', EOS, 'B', EOS, 'C'
+    chat = Conversation().ask("Q").answered("A").ask("R")
+    suffix = encode_prompt(conversation_segments(chat, MISTRAL_INSTRUCT), FakeTokenizer()).suffix
+    eos = suffix.index(FakeTokenizer.eos_token)
+    assert suffix[eos + 1:] == tuple(ord(c) + 10 for c in "[INST] R [/INST]")

@@ -1,6 +1,7 @@
 """Write a tiny random LLaVA-1.5 (or LLaVA-NeXT) checkpoint that Hugging Face loads like the real one.
 
-``python tools/make_tiny_llava.py OUT [--family llava-next] [--seed S] [--vision-layers 24] [--full-vision]``
+``python tools/make_tiny_llava.py OUT [--family llava-next [--lm mistral]] [--seed S] [--vision-layers 24]
+[--full-vision]``
 ``python tools/make_tiny_llava.py OUT --shape llava-1.5-7b [--layout hub] [--text-layers N] [--shard-gb 2.0]``
 
 The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 blocks,
@@ -11,7 +12,10 @@ the CLIP checkpoint of the same vision tower with a small text tower and a CLIP 
 (``tools/tiny_clip.py``), as ``openai/clip-vit-large-patch14-336`` is to LLaVA-1.5.
 ``--family llava-next`` writes a ``LlavaNextForConditionalGeneration`` with the same towers and tokenizer,
 llava-hf v1.6's ``image_grid_pinpoints``, a random O(1) ``image_newline`` and a ``LlavaNextProcessor``
-(PIL image processor: shortest edge and crop 336).
+(PIL image processor: shortest edge and crop 336). ``--lm mistral`` gives it LLaVA-NeXT Mistral's kind of
+language model instead of the LLaMA (Vicuna): a ``MistralConfig`` text model (``model_type`` "mistral",
+grouped-query attention with 4 query heads per key/value head as Mistral-7B's 32/8, RoPE base 1e6,
+``sliding_window`` None, 32k positions, embedding rows padded to a multiple of 64 as llava-hf's 32064).
 
 Peaky attention: with default initialisation every block's [CLS] attention is almost uniform
 (entropy ≈ ln 576), so rankings would be decided by noise. We scale the query/key weights of
@@ -79,15 +83,38 @@ class TinyParts:
 
     tokenizer: Any  # LlamaTokenizer with <image> and <pad>
     vision: Any  # CLIPVisionConfig: 336 px, patch 14
-    text: Any  # LlamaConfig
+    text: Any  # LlamaConfig or MistralConfig
     image_token_index: int
 
 
+LANGUAGE_MODELS = ("vicuna", "mistral")
+
+
+def _text_config(lm: str, n_tokens: int, width: int, layers: int) -> Any:
+    """The tiny language model's config: LLaMA (Vicuna) or Mistral (``n_tokens``: the tokenizer's size)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=n_tokens - 1, tie_word_embeddings=False)
+    if lm == "vicuna":
+        return LlamaConfig(
+            vocab_size=n_tokens, hidden_size=width, intermediate_size=2 * width + 32, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+            rope_theta=10000.0, **special,
+        )
+    if lm == "mistral":
+        return MistralConfig(
+            vocab_size=-(-n_tokens // 64) * 64, hidden_size=width, intermediate_size=2 * width + 32,
+            num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=width // 8,
+            max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None, **special,
+        )
+    raise ValueError(f"unknown language model {lm!r}; choose from {', '.join(LANGUAGE_MODELS)}")
+
+
 def _tiny_parts(out: Path, seed: int, vision_layers: int, vision_width: int, vision_heads: int,
-                text_layers: int, text_width: int) -> TinyParts:
-    """Seed torch, train and save the tokenizer, and describe the CLIP tower and the LLaMA."""
+                text_layers: int, text_width: int, lm: str = "vicuna") -> TinyParts:
+    """Seed torch, train and save the tokenizer, and describe the CLIP tower and the language model."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig
+    from transformers import CLIPVisionConfig
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -100,12 +127,7 @@ def _tiny_parts(out: Path, seed: int, vision_layers: int, vision_width: int, vis
         num_attention_heads=vision_heads, image_size=IMAGE, patch_size=PATCH, projection_dim=vision_width,
         hidden_act="quick_gelu", layer_norm_eps=1e-5,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width + 32,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=2, pad_token_id=len(tokenizer) - 1, tie_word_embeddings=False,
-    )
+    text = _text_config(lm, len(tokenizer), text_width, text_layers)
     return TinyParts(tokenizer, vision, text, tokenizer.convert_tokens_to_ids("<image>"))
 
 
@@ -165,14 +187,16 @@ def build_tiny_llava_next(
     text_width: int = 64,
     qk_gain: tuple[float, float] = QK_GAIN,
     clip_text: TextTowerShape | None = None,
+    lm: str = "vicuna",
 ) -> Path:
     """Write a LLaVA-NeXT (1.6, anyres) checkpoint to ``out``: the 1.5 towers plus llava-hf v1.6's
-    ``image_grid_pinpoints`` and a random O(1) ``image_newline``; returns the path."""
+    ``image_grid_pinpoints`` and a random O(1) ``image_newline``, with a LLaMA (``lm="vicuna"``) or
+    Mistral (``lm="mistral"``) language model; returns the path."""
     import torch
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     out = Path(out)
-    parts = _tiny_parts(out, seed, vision_layers, vision_width, vision_heads, text_layers, text_width)
+    parts = _tiny_parts(out, seed, vision_layers, vision_width, vision_heads, text_layers, text_width, lm)
     pinpoints = [list(p) for p in LLAVA_NEXT_PINPOINTS]
     config = LlavaNextConfig(**_llava_config_args(parts), image_grid_pinpoints=pinpoints)
     model = LlavaNextForConditionalGeneration(config).eval()
@@ -212,6 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=tuple(BUILDERS), default="llava-1.5",
                         help="llava-1.5, or llava-next: LLaVA-NeXT (1.6) anyres, image_newline and "
                              "image_grid_pinpoints (default: llava-1.5)")
+    parser.add_argument("--lm", choices=LANGUAGE_MODELS, default=None,
+                        help="language model of a llava-next checkpoint: vicuna (LLaMA) or mistral "
+                             "(LLaVA-NeXT Mistral's GQA, RoPE base 1e6) (default: vicuna)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--vision-layers", type=_positive(int), default=None,
                         help="CLIP blocks of the tiny model (default: 24)")
@@ -241,13 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--full-vision and --vision-layers are for the tiny model, not with --shape")
     if args.shape is not None and args.family != "llava-1.5":
         parser.error("--shape writes llava-1.5 checkpoints only, not with --family llava-next")
+    if args.lm is not None and args.family != "llava-next":
+        parser.error("--lm only with --family llava-next (LLaVA-1.5 has a Vicuna language model)")
 
     def body() -> int:
         if args.shape is None:
             width, heads = (1024, 16) if args.full_vision else (64, 4)
+            lm = {} if args.lm is None else {"lm": args.lm}
             path = BUILDERS[args.family](args.out, seed=args.seed, vision_layers=args.vision_layers or 24,
                                          vision_width=width, vision_heads=heads,
-                                         clip_text=CLIP_L_TEXT if args.full_vision else None)
+                                         clip_text=CLIP_L_TEXT if args.full_vision else None, **lm)
         else:
             from tools.shape_checkpoint import write_shape_checkpoint
 
