@@ -13,9 +13,10 @@ Choices where method.md is silent:
   is never kept, a merge target or a member.
 - ``perplexity`` weighs tile t by ``exp(H_t(l_d))`` with ``l_d`` the tile's own deep layer, chosen
   by the bundle's entropy defaults (rule and ranges) unless the options give others.
-- Probe strategies (entropyprune, fastv, dart) are refused for now: their probe would have to see
-  every tile's rows in one prompt, which is not wired yet. ``cdpruner`` runs per tile with the one
-  question.
+- Probe strategies (entropyprune, fastv, dart): the probe runs once, on the prompt with every packed
+  row of the image (strategy ``none``'s rows, newlines included); each tile's strategy reads that run's
+  scores at its own candidates and keeps its k_t (``runtime.anyres_probe`` says how). ``cdpruner``
+  runs per tile with the one question.
 - A tile whose share is 0 keeps nothing (the strategies need K >= 1, so they are not run on it).
 """
 
@@ -33,6 +34,7 @@ from PIL import Image
 
 from runtime.anyres_pack import PackedLayout, PackedOrder, gather_rows, pack_kept, packed_layout
 from runtime.anyres_preprocess import AnyresConfig, AnyresPixels, preprocess_anyres
+from runtime.anyres_probe import ProbeFn, SharedProbe, probe_context, probe_rows
 from runtime.errors import BundleError, InputError, SettingError
 from runtime.llm_bundle import checked_npz
 from runtime.manifest import Manifest, load_manifest, repair_command
@@ -40,7 +42,7 @@ from runtime.pipeline import Pipeline, require_question
 from runtime.preprocess import load_image
 from runtime.scoring import layer_distributions, layer_entropy
 from runtime.selection import choose_layers
-from runtime.strategies.registry import PROBE, TEXT_TOWER, get_strategy
+from runtime.strategies.registry import TEXT_TOWER, get_strategy
 from runtime.tile_budget import MODES, split_tile_budget
 from runtime.types import EncoderOutput, PruneInputs, Selection
 
@@ -55,6 +57,7 @@ class TileReport:
     candidates: int  # patches left after unpadding
     kept: int  # k_t
     report: Mapping[str, Any]  # the strategy's own report on this tile (layers, ...)
+    counts: tuple[int, ...] = ()  # [k_t] patches each kept token stands for, by ascending patch index
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,11 @@ class AnyresPipeline:
         anyres = self.manifest.anyres
         return packed_layout(pixels.image_size, anyres.image_grid_pinpoints, anyres.crop_size, anyres.patch_size)
 
+    def probe_context(self) -> int:
+        """Context positions the language-model probe needs for any image of this bundle."""
+        anyres = self.manifest.anyres
+        return probe_context(anyres.image_grid_pinpoints, anyres.crop_size, anyres.patch_size)
+
     def encode(self, image: Image.Image | str | Path | AnyresPixels) -> AnyresEncoded:
         """Tiles of ``image`` (or its already computed pixels) through the encoder as one batch."""
         start = time.perf_counter()
@@ -123,18 +131,21 @@ class AnyresPipeline:
 
     def prune(self, image: Image.Image | str | Path, tokens: int = 320, strategy: str = "entropy",
               tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
-              **options: Any) -> PrunedAnyres:
+              probe: ProbeFn | None = None, **options: Any) -> PrunedAnyres:
         """Every stage on one image; ``options`` are the strategy's keyword options."""
-        return self.prune_encoded(self.encode(image), tokens, strategy, tile_budget, newline, question, **options)
+        return self.prune_encoded(self.encode(image), tokens, strategy, tile_budget, newline, question, probe,
+                                  **options)
 
     def prune_encoded(self, encoded: AnyresEncoded, tokens: int = 320, strategy: str = "entropy",
                       tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
-                      **options: Any) -> PrunedAnyres:
-        """Split K, prune each tile, project and pack an encoded image."""
+                      probe: ProbeFn | None = None, probe_scope: str = "image", **options: Any) -> PrunedAnyres:
+        """Split K, prune each tile, project and pack an encoded image. ``probe``: the bound probe
+        (``LlamaProbe.bind``) the probe strategies need; ``probe_scope="tile"`` is the wrong variant
+        kept for negative controls (see ``runtime.anyres_probe``)."""
         chosen = get_strategy(strategy)
-        if PROBE in chosen.needs:
-            raise InputError(f"strategy {strategy!r} reads the language-model probe, which is not wired for "
-                             "LLaVA-NeXT bundles yet; use a vision strategy or cdpruner")
+        if chosen.needs_probe and probe is None:
+            raise InputError(f"strategy {strategy!r} needs the language-model probe: run "
+                             f"python -m export.llm --model ALIAS --out {self.manifest.root}")
         if tile_budget not in MODES:
             raise SettingError("tile_budget", f"must be one of {', '.join(MODES)}, got {tile_budget!r}")
         if newline not in NEWLINE_MODES:
@@ -159,19 +170,41 @@ class AnyresPipeline:
             space = self.base.clip_space()
             text = space.text(question)
             clip = (lambda _question: text, space.image)
+        shared, projected = None, None
+        if chosen.needs_probe:
+            shared, projected = self._shared_probe(encoded, cands, layout, probe, probe_scope, timings)
         kept, selections = [], []
         for tile, k in enumerate(budgets):
-            selection = _prune_tile(encoded.tiles[tile], cands[tile], int(k), chosen, opts, question, self.base, clip)
+            inputs = _tile_inputs(encoded.tiles[tile], cands[tile], tile, question, self.base, clip, shared,
+                                  projected)
+            selection = chosen.run(inputs, int(k), opts) if k else None  # the strategies need K >= 1
             kept.append(cands[tile][selection.kept] if selection is not None else np.zeros(0, np.int64))
             selections.append(selection)
         order = pack_kept(kept[0], kept[1:], layout, newline)
-        timings["prune"] = 1000 * (time.perf_counter() - start)
+        timings["prune"] = 1000 * (time.perf_counter() - start) - timings.get("project_all", 0.0)
+        if shared is not None:
+            timings["probe"] = shared.ms
+            timings["prune"] -= shared.ms
         start = time.perf_counter()
         rows = self._rows(selections, kept, layout, order)
         timings["project"] = 1000 * (time.perf_counter() - start)
-        reports = tuple(TileReport(t, int(caps[t]), int(kept[t].shape[0]), dict(s.report) if s else {})
+        reports = tuple(TileReport(t, int(caps[t]), int(kept[t].shape[0]), _tile_report(s, shared, int(caps[t])),
+                                   tuple(s.counts[np.argsort(kept[t])].tolist()) if s else ())
                         for t, s in enumerate(selections))
         return PrunedAnyres(rows, order, reports, strategy, layout.total_rows, pixels.image_size, pixels.grid, timings)
+
+    def _shared_probe(self, encoded: AnyresEncoded, cands: list[np.ndarray], layout: PackedLayout, probe: ProbeFn,
+                      scope: str, timings: dict[str, float]) -> tuple[SharedProbe, np.ndarray]:
+        """Every candidate projected once ([T, N, E]; the tiles' strategies reuse it) and the probe
+        over the image's packed rows (run when a tile first asks)."""
+        start = time.perf_counter()
+        width = int(self.newline.shape[0])
+        projected = np.zeros((layout.num_tiles, layout.patches_per_tile, width), np.float32)
+        for tile, cand in enumerate(cands):
+            if cand.size:
+                projected[tile, cand] = self.base.projector(encoded.tiles[tile].features[cand])
+        timings["project_all"] = 1000 * (time.perf_counter() - start)
+        return SharedProbe(probe, probe_rows(projected, self.newline, layout), scope), projected
 
     def _rows(self, selections: list[Selection | None], kept: list[np.ndarray], layout: PackedLayout,
               order: PackedOrder) -> np.ndarray:
@@ -189,15 +222,28 @@ def _restricted(encoded: EncoderOutput, candidates: np.ndarray) -> EncoderOutput
     return EncoderOutput(encoded.features[candidates], encoded.cls_attn[:, :, candidates], encoded.keys[candidates])
 
 
-def _prune_tile(encoded: EncoderOutput, candidates: np.ndarray, budget: int, strategy: Any, options: Any,
-                question: str | None, base: Pipeline, clip: tuple[Any, Any] | None) -> Selection | None:
-    """The strategy on one tile's candidates (indices into ``candidates``); None when it keeps nothing.
-    ``clip``: (question -> T, features -> V) for cdpruner."""
-    if budget == 0:
-        return None
-    tile = _restricted(encoded, candidates)
-    inputs = PruneInputs(tile, base.projector, None, question, *(clip or (None, None)))
-    return strategy.run(inputs, budget, options)
+def _tile_inputs(encoded: EncoderOutput, candidates: np.ndarray, tile: int, question: str | None, base: Pipeline,
+                 clip: tuple[Any, Any] | None, shared: SharedProbe | None, projected: np.ndarray | None) -> PruneInputs:
+    """What the strategy sees on one tile: its candidates (indices into ``candidates``), the projector,
+    ``clip`` (question -> T, features -> V; cdpruner) and the tile's view of the shared probe."""
+    restricted = _restricted(encoded, candidates)
+    if shared is None:
+        return PruneInputs(restricted, base.projector, None, question, *(clip or (None, None)))
+    cached = projected[tile, candidates]
+
+    def project(features: np.ndarray) -> np.ndarray:  # the tile's candidates were projected already
+        return cached if features is restricted.features else base.projector(features)
+
+    return PruneInputs(restricted, project, shared.for_tile(tile, candidates), question, *(clip or (None, None)))
+
+
+def _tile_report(selection: Selection | None, shared: SharedProbe | None, candidates: int) -> dict[str, Any]:
+    """The strategy's report on a tile, plus ``probe_rows`` (the rows its probe saw) for a probe strategy."""
+    if selection is None:
+        return {}
+    if shared is None:
+        return dict(selection.report)
+    return {**selection.report, "probe_rows": shared.rows.num_rows if shared.scope == "image" else candidates}
 
 
 def _deep_entropy(encoded: tuple[EncoderOutput, ...], candidates: list[np.ndarray], options: Any) -> np.ndarray:

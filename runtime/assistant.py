@@ -159,7 +159,9 @@ class Assistant:
         data, root = manifest.data, manifest.root
         llm = open_language_model(root, data, n_threads=threads, n_ctx=n_ctx, kv_type=kv_type, load=load,
                                   n_gpu_layers=n_gpu_layers)
-        opener = (lambda: open_probe(root, data, n_threads=threads)) if "probe" in (data.get("llm") or {}) else None
+        probe_ctx = tiles.probe_context() if tiles is not None else None  # NeXT: the probe sees every packed row
+        opener = ((lambda: open_probe(root, data, n_threads=threads, n_ctx=probe_ctx))
+                  if "probe" in (data.get("llm") or {}) else None)
         assistant = cls(pipeline, llm, get_template(pipeline.manifest.chat_template), settings, opener, tiles)
         assistant.update(tokens=settings.tokens, strategy=settings.strategy)  # validate early
         return assistant
@@ -308,7 +310,7 @@ class Assistant:
             probe = self._bound_probe(encode_prompt(conversation_segments(alone, self.template), self.llm))
         if self.tiles is not None:
             pruned = self.tiles.prune_encoded(encoded, s.tokens, s.strategy, s.tile_budget, s.newline, question,
-                                              **s.options)
+                                              probe, **s.options)
         else:
             pruned = self.pipeline.prune_encoded(encoded, s.tokens, s.strategy, probe, question, **s.options)
         if self._pruned is not None and reads_question and self._pruned[0][:-1] == key[:-1]:

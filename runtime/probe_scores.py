@@ -46,13 +46,12 @@ def _heads(probe: ProbeOutput, rows: np.ndarray, weight: np.ndarray, n_heads: in
 
 
 def probe_queries(probe: ProbeOutput) -> np.ndarray:
-    """Pre-RoPE queries of the image rows at layer P−1: ``[N, n_head, d_head]`` float64.
+    """Pre-RoPE queries of the image rows (``probe.image_rows``) at layer P−1: ``[N, n_head, d_head]`` float64.
 
     Split by the model's own heads (d_head = the GGUF's head size, not a fixed 128: see
     :func:`runtime.matrix_entropy.head_entropy_scores`).
     """
-    rows = probe.hidden[probe.image_start : probe.image_start + probe.num_image]
-    return _heads(probe, rows, probe.q_weight, probe.n_head)
+    return _heads(probe, probe.hidden[probe.image_rows], probe.q_weight, probe.n_head)
 
 
 def _rope_keys(probe: ProbeOutput) -> np.ndarray:
@@ -74,7 +73,7 @@ def fastv_scores(probe: ProbeOutput) -> np.ndarray:
     Layer P−1's q (last position) and k (all T positions), RoPE at positions 0..T−1, logits
     scaled by 1/sqrt(d_head), GQA by HF ``repeat_kv`` (query head i reads kv head
     i // (n_head / n_head_kv)), softmax over all T positions (the last one sees them all),
-    mean over heads, then the image columns. Example: identical keys -> every score 1/T.
+    mean over heads, then the columns of ``probe.image_rows``. Example: identical keys -> every score 1/T.
     """
     if probe.n_head_kv < 1 or probe.n_head % probe.n_head_kv:
         raise ValueError(
@@ -91,4 +90,4 @@ def fastv_scores(probe: ProbeOutput) -> np.ndarray:
     logits -= logits.max(axis=1, keepdims=True)
     attn = np.exp(logits)
     attn /= attn.sum(axis=1, keepdims=True)
-    return attn.mean(axis=0)[probe.image_start : probe.image_start + probe.num_image]
+    return attn.mean(axis=0)[probe.image_rows]

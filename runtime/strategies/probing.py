@@ -1,4 +1,4 @@
-"""The language-model probe as the probe-based strategies (entropyprune, fastv) use it."""
+"""The language-model probe as the probe-based strategies (entropyprune, fastv, dart) use it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ def probe_projected_patches(strategy: str, inputs: PruneInputs, final: bool = Fa
         raise InputError(f"strategy {strategy!r} needs the language model probe (run export.llm)")
     rows = inputs.project(inputs.encoded.features)
     probe = inputs.probe(rows, final=True) if final else inputs.probe(rows)
-    n = inputs.encoded.num_patches
-    if probe.num_image != n:
-        raise ValueError(f"probe returned {probe.num_image} image rows, expected {n}")
+    n, got = inputs.encoded.num_patches, probe.image_rows.shape[0]
+    if got != n:
+        raise ValueError(f"probe returned {got} image rows, expected {n}")
     return probe
 
 

@@ -1,0 +1,185 @@
+"""PyTorch reference of LLaVA-NeXT per-tile pruning (method.md §5), padding-aware, on a Hugging Face
+``LlavaNextForConditionalGeneration`` (loaded with ``attn_implementation="eager"``).
+
+A second implementation of the runtime's ``AnyresPipeline`` that never imports the runtime's numeric
+modules (only its error type):
+
+- **Packed order and candidates from Hugging Face itself**: ``pack_image_features`` is run on
+  *identity features* (each patch's row holds ``(tile, patch, 0)``, the newline ``(-1, -1, 1)``), so
+  every row of HF's unpruned pack names its patch; a tile's candidates are its patches present in
+  that pack (``unpad=False``, the plausible bug, keeps every patch as a candidate instead).
+- **Budget**: ``equal`` split (method.md §5) dealt one token at a time (a plain loop).
+- **Vision strategies** (``export.reference.STRATEGIES``): each tile's tower outputs restricted to its
+  candidates, then :func:`export.reference.prune_outputs` with its k_t (merging stays in the tile).
+- **Probe strategies** (``fastv``, ``entropyprune``, ``dart``): the language model runs once on
+  ``prefix ids + get_image_features' rows (all of them, newlines included) + suffix ids``; the
+  layer-(P−1) scores of every row come from :mod:`export.reference_llm` (FastV: eager attention
+  probabilities of the last row; EntropyPrune: head entropy of the queries) or
+  :mod:`export.reference_question` (DART's keys and final-norm states); each tile keeps the top k_t
+  of its candidates' scores (DART: its own image pivots among its candidates, the text after the
+  image as text pivots). Newline rows are never candidates.
+- **Rows fed**: the kept patches in HF's pack order, each grid row that kept a token followed by
+  ``image_newline`` (``newline="rows"``); kept tokens are ``multi_modal_projector`` of the (merged)
+  features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from export.reference import STRATEGIES, ReferenceVision, prune_outputs, vision_outputs
+from export.reference_llm import entropyprune_scores, fastv_scores
+from export.reference_question import DartStates, dart_select, dart_states
+from export.reference_vision import rank_descending
+from runtime.errors import InputError
+
+PROBE_STRATEGIES = ("fastv", "entropyprune", "dart")
+NEWLINE = -1  # tile and patch of a newline row in AnyresReference.source
+
+
+@dataclass(frozen=True)
+class TileResult:
+    """What one tile kept (tile 0 = base view)."""
+
+    candidates: Tensor  # [n_t] int64 patches the tile may keep, ascending
+    kept: Tensor  # [k_t] int64 patch indices (in the tile), ascending
+    counts: Tensor  # [k_t] int64 patches each kept token stands for
+    embeddings: Tensor  # [k_t, E] projected (merged) tokens, in ``kept`` order
+    layers: dict[str, int] | None  # {"l_s", "l_d"} for ``entropy``
+
+
+@dataclass(frozen=True)
+class AnyresReference:
+    """One LLaVA-NeXT image pruned per tile, and the rows it feeds the language model."""
+
+    tiles: tuple[TileResult, ...]  # base first
+    budgets: tuple[int, ...]  # k_t
+    source: Tensor  # [R, 2] int64 (tile, patch) of each row fed, (-1, -1) for a newline
+    rows: Tensor  # [R, E] the rows fed
+
+
+def packed_ids(model: nn.Module, num_tiles: int, image_size: Sequence[int]) -> Tensor:
+    """[R, 2] int64 (tile, patch) of every row of HF's unpruned pack, (-1, -1) for a newline row."""
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    ids = torch.zeros(num_tiles, n, 3)
+    ids[:, :, 0] = torch.arange(num_tiles)[:, None]
+    ids[:, :, 1] = torch.arange(n)[None, :]
+    newline = torch.tensor([float(NEWLINE), float(NEWLINE), 1.0])
+    packed, _ = model.model.pack_image_features([ids], torch.tensor([list(image_size)]), "default", newline)
+    return packed[0][:, :2].round().to(torch.int64)
+
+
+def equal_budgets(budget: int, caps: Sequence[int]) -> list[int]:
+    """method.md §5 ``equal``, one token at a time: each to the open tile (below its cap) holding the
+    fewest so far, ties to the smaller tile index. Example: K = 10, caps (1, 576, 576) -> [1, 5, 4]."""
+    if not 1 <= budget <= sum(caps):
+        raise InputError(f"budget K must satisfy 1 <= K <= {sum(caps)}, got {budget}")
+    out = [0] * len(caps)
+    for _ in range(budget):
+        t = min((t for t in range(len(caps)) if out[t] < caps[t]), key=lambda t: (out[t], t))
+        out[t] += 1
+    return out
+
+
+@torch.no_grad()
+def reference_anyres(model: nn.Module, pixel_values: Tensor, image_size: Sequence[int], strategy: str, budget: int,
+                     prompt: tuple[Sequence[int], Sequence[int]] | None = None, P: int = 2, unpad: bool = True,
+                     **options: object) -> AnyresReference:
+    """[T, 3, S, S] tiles (base first) of an image of ``image_size`` (h, w) -> per-tile results and rows.
+
+    ``prompt`` (prefix ids, suffix ids) around the image is needed by the probe strategies; ``P`` is
+    their pruning layer; ``options`` go to the vision strategy (``export.reference.make_options``).
+    """
+    ids = packed_ids(model, pixel_values.shape[0], image_size)
+    n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    cands = [torch.sort(ids[ids[:, 0] == t, 1]).values if unpad else torch.arange(n)
+             for t in range(pixel_values.shape[0])]
+    budgets = equal_budgets(budget, [int(c.shape[0]) for c in cands])
+    if strategy in PROBE_STRATEGIES:
+        if prompt is None or not unpad:
+            raise InputError("the probe strategies need the prompt, and only unpadded patches have rows")
+        tiles = _probe_tiles(model, pixel_values, image_size, strategy, ids, cands, budgets, prompt, P)
+    elif strategy in STRATEGIES:
+        tiles = _vision_tiles(model, pixel_values, strategy, cands, budgets, options)
+    else:
+        raise InputError(f"unknown strategy {strategy!r}; choose one of: {', '.join([*STRATEGIES, *PROBE_STRATEGIES])}")
+    source, rows = _rows_fed(ids, tiles, model.model.image_newline)
+    return AnyresReference(tuple(tiles), tuple(budgets), source, rows)
+
+
+def _vision_tiles(model: nn.Module, pixel_values: Tensor, strategy: str, cands: list[Tensor], budgets: list[int],
+                  options: dict) -> list[TileResult]:
+    out = []
+    for t, (cand, k) in enumerate(zip(cands, budgets, strict=True)):
+        if k == 0:
+            out.append(_empty(cand, model))
+            continue
+        v = vision_outputs(model, pixel_values[t : t + 1])
+        tile = ReferenceVision(v.features[:, cand], v.cls_attn[:, :, :, cand], v.keys[:, cand], v.feature_layer)
+        result = prune_outputs(model, tile, strategy, k, **options)
+        order = torch.argsort(cand[result.kept])  # LLM order inside a tile is the packed order
+        out.append(TileResult(cand, cand[result.kept][order], result.counts[order], result.embeddings[order],
+                              None if result.layers is None else dict(result.layers)))
+    return out
+
+
+def _probe_tiles(model: nn.Module, pixel_values: Tensor, image_size: Sequence[int], strategy: str, ids: Tensor,
+                 cands: list[Tensor], budgets: list[int], prompt: tuple[Sequence[int], Sequence[int]],
+                 P: int) -> list[TileResult]:
+    image = model.model.get_image_features(pixel_values=pixel_values[None],
+                                           image_sizes=torch.tensor([list(image_size)])).pooler_output
+    rows = image[0] if isinstance(image, (list, tuple)) else image
+    embed = model.model.language_model.embed_tokens
+    prefix, suffix = (torch.tensor([list(p)], dtype=torch.int64) for p in prompt)
+    embeds = torch.cat([embed(prefix), rows[None], embed(suffix)], dim=1)
+    start, total = prefix.shape[1], rows.shape[0]
+    if strategy == "dart":
+        states = dart_states(model, embeds, P)
+    else:
+        score = fastv_scores if strategy == "fastv" else entropyprune_scores
+        scores = score(model, embeds, start, total, P=P)  # [R] over every packed row
+    patches = torch.nonzero(ids[:, 0] != NEWLINE)[:, 0]
+    row_of = {(t, p): r for (t, p), r in zip(ids[patches].tolist(), patches.tolist(), strict=True)}
+    out = []
+    for t, (cand, k) in enumerate(zip(cands, budgets, strict=True)):
+        where = torch.tensor([row_of[(t, p)] for p in cand.tolist()], dtype=torch.int64)  # rows of the pack
+        if k == 0:
+            out.append(_empty(cand, model))
+            continue
+        if strategy == "dart":
+            text = slice(start + total, embeds.shape[1])
+            tile = DartStates(torch.cat([states.keys[start + where], states.keys[text]]),
+                              torch.cat([states.hidden[start + where], states.hidden[text]]))
+            kept = dart_select(tile, 0, cand.shape[0], k)
+        else:
+            kept = torch.sort(rank_descending(scores[where])[:k]).values
+        out.append(TileResult(cand, cand[kept], torch.ones_like(kept), rows[where[kept]], None))
+    return out
+
+
+def _empty(cand: Tensor, model: nn.Module) -> TileResult:
+    width = model.model.image_newline.shape[0]
+    none = torch.zeros(0, dtype=torch.int64)
+    return TileResult(cand, none, none, torch.zeros(0, width), None)
+
+
+def _rows_fed(ids: Tensor, tiles: list[TileResult], newline: Tensor) -> tuple[Tensor, Tensor]:
+    """The kept tokens in HF's pack order, a newline after every grid row that kept one."""
+    token = {(t, int(p)): e for t, tile in enumerate(tiles) for p, e in zip(tile.kept, tile.embeddings, strict=True)}
+    source, rows, row_has_token = [], [], False
+    for tile, patch in ids.tolist():
+        if tile == NEWLINE:
+            if row_has_token:
+                source.append((NEWLINE, NEWLINE))
+                rows.append(newline)
+            row_has_token = False
+        elif (tile, patch) in token:
+            source.append((tile, patch))
+            rows.append(token[(tile, patch)])
+            row_has_token = tile > 0
+    width = newline.shape[0]
+    return torch.tensor(source, dtype=torch.int64).reshape(-1, 2), torch.stack(rows) if rows else torch.zeros(0, width)
