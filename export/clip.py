@@ -65,8 +65,8 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     """
     from export.clip_source import text_source, vision_fingerprint
     from export.diskspace import clean_stale
-    from export.llava_next import family_of
     from export.load import read_json, resolve_model
+    from export.vision_family import family_for
 
     if out is not None:
         _check_out(out, force)
@@ -76,7 +76,10 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
     if "auto_map" in config:
         log("  note: the checkpoint's config names remote code (auto_map); it is ignored, never run: "
             "only transformers' own CLIP and LLaVA classes are used")
-    family = family_of(config.get("model_type"))
+    family = family_for(config.get("model_type")).bundle_family
+    if family is None:
+        raise ModelNotFoundError(f"{resolved.path} is not a LLaVA checkpoint (config.json model_type "
+                                 f"{config.get('model_type')!r}); export.clip exports LLaVA's CLIP tower")
     if family != resolved.spec.family:
         raise ModelNotFoundError(f"{resolved.path} is a {family} checkpoint (config.json model_type "
                                  f"{config.get('model_type')!r}) but {model} is registered as {resolved.spec.family}")

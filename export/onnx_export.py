@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.vision_family import VisionFamily
+
 EXAMPLE_BATCH = 2  # a batch-1 example silently produces a static batch axis
 EXAMPLE_TOKENS = 7  # projector example length; K is dynamic
 # Bytes of weights above which the graph keeps its weights in a ``.data`` file beside it. ONNX caps
@@ -71,6 +73,18 @@ def export_projector(projector: nn.Module, path: Path, in_dim: int, opset: int) 
     tokens = torch.export.Dim("tokens", min=1, max=65536)
     return _export(projector, (example,), path, opset, ["features"], ["embeddings"],
                    {"features": {0: batch, 1: tokens}})
+
+
+def export_tower(tower: nn.Module, projector: nn.Module, feature_layer: int, image_size: int, in_dim: int,
+                 folder: Path, opset: int, family: VisionFamily | None = None) -> tuple[list[Path], list[Path]]:
+    """``folder``/vision.onnx (:class:`export.vision.VisionTowerWithAttention` of ``tower`` to block
+    ``feature_layer``, ``family`` as there) and ``folder``/projector.onnx (``projector``, input width
+    ``in_dim``); the files written for each."""
+    from export.vision import VisionTowerWithAttention
+
+    wrapper = VisionTowerWithAttention(tower, feature_layer, family).eval()
+    vision = export_vision(wrapper, folder / "vision.onnx", image_size, opset)
+    return vision, export_projector(projector.eval(), folder / "projector.onnx", in_dim, opset)
 
 
 def quantize_int8(source: Path, target: Path) -> Path:

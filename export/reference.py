@@ -46,6 +46,7 @@ from export.reference_vision import (
     merge_into_kept,
     rank_descending,
     split_budget,
+    tower_outputs,
     uniform_indices,
     visionzip_contextual,
     visionzip_select,
@@ -109,13 +110,6 @@ class EntropyOptions:
             raise InputError(f"p_shallow must be in [0, 1], got {self.p_shallow}")
 
 
-def _tower_parts(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The vision tower and its blocks, for CLIPVisionModel with or without ``.vision_model``."""
-    tower = model.model.vision_tower
-    core = getattr(tower, "vision_model", tower)
-    return tower, core.encoder.layers
-
-
 def feature_layer(model: nn.Module) -> int:
     """f: LLaVA's vision_feature_layer as a 1-based block number (negative: L + 1 + vfl)."""
     vfl = model.config.vision_feature_layer
@@ -133,40 +127,14 @@ def feature_layer(model: nn.Module) -> int:
     return f
 
 
-def _guarded_tower_outputs(tower: nn.Module, pixel_values: Tensor, n_blocks: int) -> Any:
-    """Run the tower asking for every attention map and hidden state; fail loudly if absent."""
-    out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
-    attn, hidden = out.attentions, out.hidden_states
-    if not attn or len(attn) != n_blocks or any(a is None for a in attn):
-        got = None if attn is None else [None if a is None else tuple(a.shape) for a in attn][:3]
-        raise RuntimeError(
-            f"vision tower returned attentions {got!r} (expected {n_blocks} maps): load the model "
-            "with attn_implementation='eager', or transformers changed how outputs are recorded"
-        )
-    if not hidden or len(hidden) != n_blocks + 1 or any(h is None for h in hidden):
-        raise RuntimeError(
-            f"vision tower returned {0 if not hidden else len(hidden)} hidden states, expected "
-            f"{n_blocks + 1} without None entries: transformers changed how outputs are recorded"
-        )
-    return out
-
-
 @torch.no_grad()
 def vision_outputs(model: nn.Module, pixel_values: Tensor) -> ReferenceVision:
     """[B, 3, S, S] pixels -> features, [CLS] attention rows and keys of a LLaVA model's tower."""
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
         raise ValueError(f"pixel_values must be [B, 3, S, S], got {tuple(pixel_values.shape)}")
-    tower, blocks = _tower_parts(model)
     f = feature_layer(model)
-    out = _guarded_tower_outputs(tower, pixel_values, len(blocks))
-    cls_attn = torch.stack([out.attentions[layer - 1][:, :, 0, 1:] for layer in range(1, f + 1)], 1)
-    attn_f = blocks[f - 1].self_attn
-    k = attn_f.k_proj(blocks[f - 1].layer_norm1(out.hidden_states[f - 1]))
-    b, t, _ = k.shape
-    keys = k.view(b, t, attn_f.num_heads, attn_f.head_dim).mean(dim=2)[:, 1:]
-    return ReferenceVision(
-        features=out.hidden_states[f][:, 1:], cls_attn=cls_attn, keys=keys, feature_layer=f
-    )
+    out = tower_outputs(model.model.vision_tower, pixel_values, f)
+    return ReferenceVision(features=out["features"], cls_attn=out["cls_attn"], keys=out["keys"], feature_layer=f)
 
 
 def _plain(kept: Tensor, features: Tensor) -> TokenSet:

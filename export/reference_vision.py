@@ -1,4 +1,5 @@
-"""PyTorch reference of the vision-side selection (method.md §1 and §3), pure tensor functions.
+"""PyTorch reference of the vision side: the encoder outputs from Hugging Face's own (method.md §0)
+and the selection (method.md §1 and §3), pure tensor functions.
 
 Independent of ``runtime/`` by design: this is the check the NumPy runtime is compared with.
 Scores, distributions and cosines are computed in float64; merged features are accumulated in
@@ -10,15 +11,85 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from export.vision_family import VisionFamily, family_of_tower
 from runtime.errors import InputError
 
 RULES = ("max-min", "max-max", "min-min", "min-max", "fixed")
 KL_FLOOR = 1e-12  # method.md §1.2: both distributions clipped below before the log
 NORM_FLOOR = 1e-6  # method.md §1.6: vector norms clipped below before a cosine
+# block f's attention recomputed from the family's query/key projections vs the tower's own (float32
+# softmax rows vs float64): a spec naming the wrong projection or norm is off by far more
+SPEC_ATTN_ATOL = 1e-5
+
+
+def check_outputs(out: Any, num_blocks: int, label: str = "CLIP") -> None:
+    """Fail loudly when the tower returned fewer than ``num_blocks`` attention maps (or ``num_blocks + 1``
+    hidden states), or None in their place (not eager attention; transformers changed)."""
+    attentions = [a for a in getattr(out, "attentions", None) or () if a is not None]
+    hidden = [h for h in getattr(out, "hidden_states", None) or () if h is not None]
+    if len(attentions) < num_blocks or len(hidden) <= num_blocks:
+        raise RuntimeError(f"the installed transformers did not return {label} attentions/hidden states (got "
+                           f"{len(attentions)} attentions, {len(hidden)} hidden states besides None; need {num_blocks} "
+                           f"and {num_blocks + 1}): load the model with attn_implementation='eager' and use the "
+                           "pinned transformers range from pyproject.toml")
+
+
+def tower_outputs(tower: Any, pixel_values: Tensor, feature_layer: int,
+                  family: VisionFamily | None = None) -> dict[str, Tensor]:
+    """[B,3,S,S] pixels -> the encoder outputs from the tower's own ``hidden_states``/``attentions``.
+
+    ``features [B,N,D]`` = hidden_states[f][:, 1:]; ``cls_attn [B,f,H,N]`` = attentions[l-1][:, :, 0, 1:]
+    for l = 1..f; ``keys [B,N,D/H]`` = head mean of block f's key projection on its first norm of
+    hidden_states[f-1]. The token count ([CLS] + (S/patch)²) and block f's attention recomputed from
+    the family's projections are checked, so a wrong spec fails here rather than validating itself.
+    ``family``: from the tower's ``config.model_type`` when None.
+    """
+    family = family or family_of_tower(tower)
+    if not family.has_cls:
+        raise RuntimeError(f"the {family.name} vision family has no [CLS] token: cls_attn is undefined for it")
+    blocks = family.parts(tower).blocks
+    if not 1 <= feature_layer <= len(blocks):
+        raise ValueError(f"feature_layer must be in 1..{len(blocks)}, got {feature_layer}")
+    with torch.no_grad():
+        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
+        check_outputs(out, len(blocks), family.label)
+        _check_tokens(family, out.hidden_states[0].shape[1], pixel_values, int(tower.config.patch_size))
+        attn = family.attention_of(blocks[feature_layer - 1])
+        normed = family.norms_of(blocks[feature_layer - 1])[0](out.hidden_states[feature_layer - 1])
+        k = family.key_of(attn)(normed)
+        b, t, _ = k.shape
+        heads = family.head_count(attn)
+        # the first image suffices to check the spec (a float64 copy of B images' maps would be 4x theirs)
+        probs = out.attentions[feature_layer - 1][:1]
+        _check_projections(family, family.query_of(attn)(normed[:1]), k[:1], heads, probs)
+        return {
+            "features": out.hidden_states[feature_layer][:, 1:],
+            "cls_attn": torch.stack([out.attentions[i][:, :, 0, 1:] for i in range(feature_layer)], dim=1),
+            "keys": k.view(b, t, heads, k.shape[-1] // heads).mean(dim=2)[:, 1:],
+        }
+
+
+def _check_tokens(family: VisionFamily, tokens: int, pixel_values: Tensor, patch: int) -> None:
+    grid = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    if tokens != grid + family.has_cls:
+        raise RuntimeError(f"the {family.name} vision family says [CLS]={family.has_cls}, so {grid + family.has_cls} "
+                           f"tokens for {grid} patches, but the tower has {tokens}: the spec's has_cls is wrong")
+
+
+def _check_projections(family: VisionFamily, q: Tensor, k: Tensor, heads: int, probs: Tensor) -> None:
+    """softmax(q·kᵀ/√d) per head must be the tower's own attention probabilities ``probs [B,H,T,T]``."""
+    b, t, width = q.shape
+    qh, kh = (x.to(torch.float64).view(b, t, heads, width // heads).transpose(1, 2) for x in (q, k))
+    diff = float(((qh @ kh.transpose(-1, -2)) * (width // heads) ** -0.5).softmax(-1).sub(probs).abs().max())
+    if diff > SPEC_ATTN_ATOL:
+        raise RuntimeError(f"the {family.name} vision family's {family.attention}.{family.query}/{family.key} on "
+                           f"{family.norms[0]} do not reproduce the tower's attention (max |Δ| {diff:.2e} > "
+                           f"{SPEC_ATTN_ATOL:.0e}): the spec names the wrong submodules")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.vision import vision_parts
+from export.reference_vision import check_outputs, tower_outputs  # noqa: F401  (check_outputs: public here)
+from export.vision_family import VisionFamily
 from runtime.errors import UserError
 
 # (atol, rtol): float32 graphs re-associate sums; 1e-4 absolute is the acceptance bound, the
@@ -57,44 +58,18 @@ class Check:
 
 
 def hf_vision_reference(half, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
-    """The three encoder outputs computed from the HF tower's own outputs (``half``: a
-    :class:`export.load.VisionHalf`), one image at a time so that only one image's N×N
-    attention maps are alive (511 MB for CLIP-L).
+    """The three encoder outputs of a LLaVA's tower (``half``: a :class:`export.load.VisionHalf`):
+    :func:`tower_reference` of ``half.vision_tower``."""
+    return tower_reference(half.vision_tower, pixel_values, feature_layer)
 
-    ``features [B,N,D]`` = hidden_states[f][:, 1:]; ``cls_attn [B,f,H,N]`` = attentions[l-1][:, :, 0, 1:];
-    ``keys [B,N,D/H]`` = head mean of block f's k_proj on layer_norm1(hidden_states[f-1]).
-    """
-    rows = [_hf_vision_one(half.vision_tower, pixel_values[i : i + 1], feature_layer)
+
+def tower_reference(tower, pixel_values: torch.Tensor, feature_layer: int,
+                    family: VisionFamily | None = None) -> dict[str, np.ndarray]:
+    """:func:`export.reference_vision.tower_outputs` as NumPy, one image at a time so that only one
+    image's N×N attention maps are alive (511 MB for CLIP-L)."""
+    rows = [{k: v.numpy() for k, v in tower_outputs(tower, pixel_values[i : i + 1], feature_layer, family).items()}
             for i in range(pixel_values.shape[0])]
     return {name: np.concatenate([row[name] for row in rows]) for name in rows[0]}
-
-
-def _hf_vision_one(tower, pixel_values: torch.Tensor, feature_layer: int) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        out = tower(pixel_values, output_attentions=True, output_hidden_states=True)
-        check_outputs(out, feature_layer)
-        block = vision_parts(tower).layers[feature_layer - 1]
-        keys = block.self_attn.k_proj(block.layer_norm1(out.hidden_states[feature_layer - 1]))
-        b, t, _ = keys.shape
-        keys = keys.view(b, t, block.self_attn.num_heads, block.self_attn.head_dim).mean(2)
-        cls = torch.stack([out.attentions[i][:, :, 0, 1:] for i in range(feature_layer)], dim=1)
-        return {
-            "features": out.hidden_states[feature_layer][:, 1:].numpy(),
-            "cls_attn": cls.numpy(),
-            "keys": keys[:, 1:].numpy(),
-        }
-
-
-def check_outputs(out, feature_layer: int) -> None:
-    """Fail loudly when the installed transformers stops returning attentions/hidden states."""
-    attentions, hidden = getattr(out, "attentions", None), getattr(out, "hidden_states", None)
-    if not attentions or not hidden or len(attentions) < feature_layer or len(hidden) <= feature_layer:
-        raise RuntimeError(
-            "the installed transformers did not return CLIP attentions/hidden states "
-            f"(got {0 if not attentions else len(attentions)} attentions, "
-            f"{0 if not hidden else len(hidden)} hidden states; need {feature_layer} and {feature_layer + 1}); "
-            "use the pinned transformers range from pyproject.toml"
-        )
 
 
 def compare(graph: str, case: str, expected: dict[str, np.ndarray], actual: dict[str, np.ndarray]) -> list[Check]:
@@ -149,16 +124,30 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def reference_outputs(half, feature_layer: int, image_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`tower_references` of a LLaVA's tower and projector (``half``: a :class:`export.load.VisionHalf`)."""
+    return tower_references(half.vision_tower, half.multi_modal_projector, feature_layer, image_size)
+
+
+def tower_references(tower, projector, feature_layer: int, image_size: int,
+                     family: VisionFamily | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Hugging Face's outputs on every :func:`validation_inputs` case: the three vision outputs
-    and ``embeddings`` (the projector of those features). Small arrays: once they exist, the
+    and ``embeddings`` (``projector`` of those features). Small arrays: once they exist, the
     torch model can be released before onnxruntime loads the graphs."""
     references = {}
     for case, pixels in validation_inputs(image_size).items():
-        expected = hf_vision_reference(half, torch.from_numpy(pixels), feature_layer)
+        expected = tower_reference(tower, torch.from_numpy(pixels), feature_layer, family)
         with torch.no_grad():
-            expected["embeddings"] = half.multi_modal_projector(torch.from_numpy(expected["features"])).numpy()
+            expected["embeddings"] = projector(torch.from_numpy(expected["features"])).numpy()
         references[case] = expected
     return references
+
+
+def validate_tower(tower, projector, feature_layer: int, image_size: int, folder: Path,
+                   family: VisionFamily | None = None) -> list[Check]:
+    """``folder``'s vision.onnx and projector.onnx (:func:`export.onnx_export.export_tower`) against
+    :func:`tower_references`, in this process."""
+    references = tower_references(tower, projector, feature_layer, image_size, family)
+    return check_graphs(references, folder / "vision.onnx", folder / "projector.onnx", image_size)
 
 
 def check_graphs(references: dict[str, dict[str, np.ndarray]], vision_path: Path, projector_path: Path,

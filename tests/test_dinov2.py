@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from export.dinov2 import hf_dinov2_reference, main, preprocess_constants, scaled_range
+from export.dinov2 import main, preprocess_constants, scaled_range
 from export.imgfocus import TRACED_SIZE, dinov2_state_dict, fetch_wheel, load_source, original_outputs, rebuild_dinov2
-from export.validate import run_onnx, validation_inputs
+from export.validate import run_onnx, tower_reference, validation_inputs
+from export.vision_family import DINOV2
 from runtime.errors import ModelNotFoundError
 from runtime.pipeline import Pipeline
 from runtime.preprocess import PreprocessConfig, preprocess
@@ -113,13 +114,13 @@ def test_negative_control_untransposed_matmul_constants_fail(source, rebuilt) ->
 def test_vision_onnx_equals_hf_on_a_photo(bundle: Path, rebuilt, photos) -> None:
     manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
     pixels = preprocess(photos["chelsea"], PreprocessConfig(**manifest["preprocess"]))[None]
-    expected = hf_dinov2_reference(rebuilt, torch.from_numpy(pixels), F)
+    expected = tower_reference(rebuilt, torch.from_numpy(pixels), F, DINOV2)
     actual = run_onnx(member(bundle, "vision"), {"pixel_values": pixels})
     assert sorted(actual) == sorted(expected)
     for name, ref in expected.items():
         assert actual[name].shape == ref.shape, name
         np.testing.assert_allclose(actual[name], ref, rtol=0, atol=MAX_ABS, err_msg=name)
-    wrong = hf_dinov2_reference(rebuilt, torch.from_numpy(pixels), F - 1)["features"]  # off-by-one block
+    wrong = tower_reference(rebuilt, torch.from_numpy(pixels), F - 1, DINOV2)["features"]  # off-by-one block
     assert np.abs(actual["features"] - wrong).max() > 100 * MAX_ABS
 
 
