@@ -36,9 +36,9 @@ import numpy as np
 
 from runtime.anyres import AnyresLayout, anyres_layout, select_best_resolution
 from runtime.errors import InputError
+from runtime.prompt_cache import POSITION_MODES
 
 NEWLINE_MODES = ("rows", "none")
-POSITION_MODES = ("packed", "original")
 NEWLINE_SOURCE = -1  # tile and patch of an image_newline row in PackedOrder.source_*
 
 

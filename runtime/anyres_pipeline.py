@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.anyres_pack import PackedLayout, PackedOrder, gather_rows, pack_kept, packed_layout
+from runtime.anyres_pack import PackedLayout, PackedOrder, gather_rows, image_positions, pack_kept, packed_layout
 from runtime.anyres_preprocess import AnyresConfig, AnyresPixels, preprocess_anyres
 from runtime.anyres_probe import ProbeFn, SharedProbe, probe_context, probe_rows
 from runtime.errors import BundleError, InputError, SettingError
@@ -40,6 +40,7 @@ from runtime.llm_bundle import checked_npz
 from runtime.manifest import Manifest, load_manifest, repair_command
 from runtime.pipeline import Pipeline, require_question
 from runtime.preprocess import load_image
+from runtime.prompt_cache import ImageRows, check_positions
 from runtime.scoring import layer_distributions, layer_entropy
 from runtime.selection import choose_layers
 from runtime.strategies.registry import TEXT_TOWER, get_strategy
@@ -91,6 +92,15 @@ class PrunedAnyres:
     def num_patches(self) -> int:
         """Candidate patches over all tiles (unpadded ones excluded): the most K can be."""
         return sum(t.candidates for t in self.tiles)
+
+    def image_rows(self, key: Hashable, positions: str = "packed") -> ImageRows:
+        """The rows as the language model is fed them (method.md §6): ``packed`` consecutive,
+        ``original`` each row at its place in the full pack (newlines included), the text after
+        the image at ``total_rows`` (:func:`runtime.anyres_pack.image_positions`)."""
+        if check_positions(positions) == "packed":
+            return ImageRows(key, self.embeddings)
+        placed = image_positions(0, self.order, self.total_rows, positions)
+        return ImageRows(key, self.embeddings, placed.image, placed.text_start)
 
 
 class AnyresPipeline:

@@ -30,7 +30,7 @@ from runtime.manifest import load_manifest
 from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import LlamaProbe, open_probe
-from runtime.prompt_cache import ImageRows, PromptPiece
+from runtime.prompt_cache import PromptPiece, check_positions
 from runtime.strategies.registry import get_strategy
 from runtime.template import (
     ChatTemplate,
@@ -64,6 +64,7 @@ class Settings:
     reprune: bool = False  # question-dependent strategies: prune again for every question (else the first)
     tile_budget: str = "equal"  # LLaVA-NeXT: how K is split across tiles (runtime.tile_budget.MODES)
     newline: str = "rows"  # LLaVA-NeXT: image_newline rows after packed rows that kept a token, or "none"
+    positions: str = "packed"  # kept rows at consecutive positions, or "original" ones (method.md §6)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -76,6 +77,7 @@ class Settings:
             raise SettingError("tile_budget", f"must be one of {', '.join(MODES)}, got {self.tile_budget!r}")
         if self.newline not in NEWLINE_MODES:
             raise SettingError("newline", f"must be one of {', '.join(NEWLINE_MODES)}, got {self.newline!r}")
+        check_positions(self.positions)
 
 
 @dataclass(frozen=True)
@@ -266,11 +268,12 @@ class Assistant:
         self.notice = f"{self.notice}; {text}" if self.notice else text
 
     def _pieces(self, prompt: PromptTokens, pruned: Pruned | None) -> list[PromptPiece]:
-        """Token ids and image rows in order; the rows are keyed by image digest and prune settings."""
+        """Token ids and image rows in order; the rows are keyed by image digest and prune settings,
+        and sit at ``Settings.positions`` (their positions are part of what the KV cache matches)."""
         if not prompt.has_image or pruned is None:
             return [prompt.prefix]
         key = (self.image_digest, self._pruned[0] if self._pruned else None)
-        return [prompt.prefix, ImageRows(key, pruned.embeddings), prompt.suffix]
+        return [prompt.prefix, pruned.image_rows(key, self.settings.positions), prompt.suffix]
 
     def _fit(self, conversation: Conversation, pruned: Pruned | None) -> tuple[Conversation, PromptTokens]:
         """Drop the oldest turns until the prompt leaves room for an answer (``max_tokens``, at

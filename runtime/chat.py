@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in method_options(args).items() if v is not None}
         settings = Settings(args.tokens, args.strategy, options, args.max_tokens, args.temperature,
                             args.top_p, args.seed, reprune=args.reprune, tile_budget=args.tile_budget,
-                            newline=args.newline)
+                            newline=args.newline, positions=args.positions)
         set_llama_logging(args.verbose)
         log(f"loading {args.model}")
         bundle = bundle_path(args.model)

@@ -61,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
         options = {k: v for k, v in method_options(args).items() if v is not None}
-        defaults = Settings(args.tokens, args.strategy, options, tile_budget=args.tile_budget, newline=args.newline)
+        defaults = Settings(args.tokens, args.strategy, options, tile_budget=args.tile_budget, newline=args.newline,
+                            positions=args.positions)
         bundle = bundle_path(args.model)
         log(f"loading {bundle}")
         assistant = Assistant.open(bundle, settings=defaults, threads=args.threads, provider=args.provider,

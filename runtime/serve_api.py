@@ -108,6 +108,7 @@ class ChatRequest(_Model):
     visual_tokens: int | None = None  # extension: K, the visual tokens kept
     strategy: str | None = None  # extension: pruning strategy
     strategy_options: dict[str, Any] | None = None  # extension: the strategy's keyword options
+    positions: str | None = None  # extension: "packed" or "original" positions of the kept rows (method.md §6)
 
 
 # --- what the worker needs -------------------------------------------------------------------
@@ -234,6 +235,7 @@ def settings_changes(request: ChatRequest, defaults: Settings) -> dict[str, Any]
         "temperature": request.temperature,
         "top_p": request.top_p,
         "seed": request.seed,
+        "positions": request.positions,
     }
     changes = {k: getattr(defaults, k) if v is None else v for k, v in given.items()}
     changes["stop"] = stop
