@@ -88,11 +88,12 @@ def equal_budgets(budget: int, caps: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def reference_anyres(model: nn.Module, pixel_values: Tensor, image_size: Sequence[int], strategy: str, budget: int,
                      prompt: tuple[Sequence[int], Sequence[int]] | None = None, P: int = 2, unpad: bool = True,
-                     **options: object) -> AnyresReference:
+                     vision: ReferenceVision | None = None, **options: object) -> AnyresReference:
     """[T, 3, S, S] tiles (base first) of an image of ``image_size`` (h, w) -> per-tile results and rows.
 
     ``prompt`` (prefix ids, suffix ids) around the image is needed by the probe strategies; ``P`` is
-    their pruning layer; ``options`` go to the vision strategy (``export.reference.make_options``).
+    their pruning layer; ``options`` go to the vision strategy (``export.reference.make_options``);
+    ``vision``: the tiles' :func:`export.reference.vision_outputs` (B = T) when already computed.
     """
     ids = packed_ids(model, pixel_values.shape[0], image_size)
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
@@ -104,22 +105,23 @@ def reference_anyres(model: nn.Module, pixel_values: Tensor, image_size: Sequenc
             raise InputError("the probe strategies need the prompt, and only unpadded patches have rows")
         tiles = _probe_tiles(model, pixel_values, image_size, strategy, ids, cands, budgets, prompt, P)
     elif strategy in STRATEGIES:
-        tiles = _vision_tiles(model, pixel_values, strategy, cands, budgets, options)
+        vision = vision_outputs(model, pixel_values) if vision is None else vision
+        tiles = _vision_tiles(model, vision, strategy, cands, budgets, options)
     else:
         raise InputError(f"unknown strategy {strategy!r}; choose one of: {', '.join([*STRATEGIES, *PROBE_STRATEGIES])}")
     source, rows = _rows_fed(ids, tiles, model.model.image_newline)
     return AnyresReference(tuple(tiles), tuple(budgets), source, rows)
 
 
-def _vision_tiles(model: nn.Module, pixel_values: Tensor, strategy: str, cands: list[Tensor], budgets: list[int],
+def _vision_tiles(model: nn.Module, v: ReferenceVision, strategy: str, cands: list[Tensor], budgets: list[int],
                   options: dict) -> list[TileResult]:
     out = []
     for t, (cand, k) in enumerate(zip(cands, budgets, strict=True)):
         if k == 0:
             out.append(_empty(cand, model))
             continue
-        v = vision_outputs(model, pixel_values[t : t + 1])
-        tile = ReferenceVision(v.features[:, cand], v.cls_attn[:, :, :, cand], v.keys[:, cand], v.feature_layer)
+        tile = ReferenceVision(v.features[t : t + 1, cand], v.cls_attn[t : t + 1, :, :, cand], v.keys[t : t + 1, cand],
+                               v.feature_layer)
         result = prune_outputs(model, tile, strategy, k, **options)
         order = torch.argsort(cand[result.kept])  # LLM order inside a tile is the packed order
         out.append(TileResult(cand, cand[result.kept][order], result.counts[order], result.embeddings[order],

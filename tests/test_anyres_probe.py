@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from export.reference import vision_outputs
 from export.reference_anyres import equal_budgets, packed_ids, reference_anyres
 from runtime.anyres_pack import pack_all, packed_layout
 from runtime.anyres_pipeline import AnyresPipeline
@@ -158,15 +159,27 @@ def test_merge_strategy_equals_the_padding_aware_reference(pipeline, hf_next, en
     """``entropy`` (per-tile layers, mean merge inside a tile) on images whose grid tiles hold padding."""
     enc = encoded[name]
     result = pipeline.prune_encoded(enc, 120, "entropy")
-    ref = reference_anyres(hf_next, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size, "entropy", 120)
+    pixels = torch.from_numpy(enc.pixels.pixel_values)
+    vision = vision_outputs(hf_next, pixels)  # the tiles' tower outputs, shared by both reference runs
+    ref = reference_anyres(hf_next, pixels, enc.pixels.image_size, "entropy", 120, vision=vision)
     _check_against_reference(result, ref, name)
     for tile, expected in zip(result.tiles, ref.tiles, strict=True):
         if tile.kept:
             assert tile.report["layers"] == {"shallow": expected.layers["l_s"], "deep": expected.layers["l_d"]}
     # negative control: padding patches left as candidates keep another set
-    wrong = reference_anyres(hf_next, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size,
-                             "entropy", 120, unpad=False)
+    wrong = reference_anyres(hf_next, pixels, enc.pixels.image_size, "entropy", 120, unpad=False, vision=vision)
     assert any(not np.array_equal(w.kept.numpy(), r.kept.numpy()) for w, r in zip(wrong.tiles, ref.tiles, strict=True))
+
+
+def test_vision_strategies_equal_the_padding_aware_reference(pipeline, hf_next, encoded) -> None:
+    """The other vision strategies (visionzip merges into contextual tokens) on a padded image."""
+    enc = encoded["wide 40x320"]
+    pixels = torch.from_numpy(enc.pixels.pixel_values)
+    vision = vision_outputs(hf_next, pixels)
+    for strategy in ("fastervlm", "visionzip", "divprune", "uniform"):
+        result = pipeline.prune_encoded(enc, 100, strategy)
+        ref = reference_anyres(hf_next, pixels, enc.pixels.image_size, strategy, 100, vision=vision)
+        _check_against_reference(result, ref, strategy)
 
 
 def test_probe_of_one_tiles_rows_is_another_answer(pipeline, hf_next, encoded) -> None:
