@@ -268,3 +268,89 @@ def test_bench_bad_inputs_are_one_line_errors(tiny_llm_bundle: Path, tmp_path: P
     assert main(["--model", str(tiny_llm_bundle), "--out", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+# --- peak memory and LLaVA-NeXT ------------------------------------------------------------------
+ALLOC_MB = 200  # an allocation far above the interpreter's own noise
+RSS_SLACK_MB = 40  # page-size rounding, allocator arenas, numpy's temporaries
+
+
+def test_peak_rss_per_span() -> None:
+    from tools.benchlib import PeakRss
+
+    memory = PeakRss()
+    memory.start()
+    big = np.ones(ALLOC_MB * 2**20 // 8)  # touched: resident
+    held = memory.stop()
+    del big
+    memory.start()
+    after = memory.stop()
+    if not memory.separable:
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert held - after > ALLOC_MB - RSS_SLACK_MB, (held, after)  # a span forgets the previous one's peak
+    assert memory.overall >= held
+
+
+def test_family_defaults_and_budgets(tiny_bundle: Path) -> None:
+    from runtime.errors import SettingError
+    from tools.benchlib import FlatVision, TiledVision, open_vision
+
+    flat = open_vision(tiny_bundle)
+    assert isinstance(flat, FlatVision) and flat.default_tokens == (64, 128, 192)
+    assert flat.budgets("none", (64,)) == (576,) and flat.budgets("entropy", (64, 32)) == (64, 32)
+    with pytest.raises(SettingError, match="tokens must be in 1..576"):
+        flat.budgets("entropy", (577,))
+    assert TiledVision.default_tokens == (640, 320, 160)
+
+
+def _tiny_gguf(path: Path, width: int) -> Path:
+    from tools.make_random_gguf import Shape, make_random_gguf
+
+    return make_random_gguf(path, Shape(layers=2, embd=width, ff=2 * width, heads=4, kv_heads=2, vocab=300,
+                                        ctx=4096), quant="f32")
+
+
+@pytest.mark.llm
+def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, capsys) -> None:
+    """Every K of the NeXT defaults plus all rows; rows fed = what AnyresPipeline feeds (newlines included)."""
+    from PIL import Image
+
+    from runtime.anyres_pipeline import AnyresPipeline
+    from tools.bench import main
+    from tools.benchlib import sample_images
+
+    gguf_path = _tiny_gguf(tmp_path / "next.gguf", 64)  # the tiny projector's width: the real rows are fed
+    out = tmp_path / "out"
+    assert main(["--model", str(tiny_next_bundle), "--gguf", str(gguf_path), "--strategies", "none", "entropy",
+                 "entropyprune", "--images", "1", "--repeats", "1", "--decode-tokens", "2", "--threads", "2",
+                 "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    table = table_rows(stdout)
+    pipeline = AnyresPipeline(tiny_next_bundle)
+    image = Image.fromarray(sample_images(1)[0])
+    expected = {("none", 0): pipeline.prune(image, 1, "none")} | {
+        ("entropy", k): pipeline.prune(image, k, "entropy") for k in (640, 320, 160)}
+    assert set(table) == {(s, p.tokens) for (s, _), p in expected.items()}
+    assert "skipped entropyprune:" in stdout and "LLaVA-NeXT" in stdout
+    data = json.loads((out / "bench.json").read_text())
+    assert data["family"] == "llava-next" and data["llm"]["random_rows"] is False and data["peak_rss_mb"] > 0
+    with (out / "bench.csv").open() as handle:
+        csv_rows = {(r["strategy"], int(r["tokens"])): r for r in csv.DictReader(handle)}
+    prompt = {row["prefill_positions"] - row["rows_fed"] for row in data["rows"]}
+    assert len(prompt) == 1 and prompt.pop() > 0  # prompt tokens + the rows fed, whatever K
+    for (strategy, _), pruned in expected.items():
+        key = (strategy, pruned.tokens)
+        row = next(r for r in data["rows"] if (r["strategy"], r["tokens"]) == key)
+        rows_fed, newlines = pruned.embeddings.shape[0], int(pruned.order.is_newline.sum())
+        assert (row["rows_fed"], row["newline_rows"]) == (rows_fed, newlines), key
+        assert (int(table[key]["rows fed"]), int(table[key]["newline rows"])) == (rows_fed, newlines)
+        assert (int(csv_rows[key]["rows_fed"]), int(csv_rows[key]["newline_rows"])) == (rows_fed, newlines)
+        assert float(csv_rows[key]["peak_rss_mb"]) == row["peak_rss_mb"] > 0
+        assert all(row["stages_ms"][s] > 0 for s in ("preprocess", "encode", "prune", "projector", "prefill"))
+        assert row["stages_ms"]["probe"] == 0 and math.isclose(row["ttft_ms"], sum(row["stages_ms"].values()))
+    assert expected[("none", 0)].embeddings.shape[0] == expected[("none", 0)].total_rows  # all rows
+    # negative control: a bench that fed (or counted) no newline rows would not match
+    bare = pipeline.prune(image, 320, "entropy", newline="none")
+    assert bare.embeddings.shape[0] != data["rows"][[r["tokens"] for r in data["rows"]].index(320)]["rows_fed"]
+    with Image.open(out / "bench.png") as png:
+        assert png.format == "PNG" and png.size[0] > 400

@@ -1,6 +1,6 @@
 """Measured per-stage breakdown of image → answer, per strategy and budget, and libmtmd side by side.
 
-``python tools/bench.py --model BUNDLE [--gguf PATH] [--strategies S ...] [--tokens 64 128 192]
+``python tools/bench.py --model BUNDLE [--gguf PATH] [--strategies S ...] [--tokens K ...]
 [--images N] [--repeats R] [--decode-tokens D] [--threads N] [--out DIR] [--mtmd [--hf-model CKPT]]``
 
 Per image and repeat: preprocess and encode (shared by every strategy: measured once per image
@@ -8,14 +8,22 @@ and repeat), then per strategy and budget K the strategy itself (prune), the pro
 rows for DivPrune/EntropyPrune/FastV/CDPruner/DART, then the K kept ones), CDPruner's text tower
 (the question through CLIP's text tower and V, the features in CLIP space), the probe
 (EntropyPrune, FastV; DART with its final-norm probe),
-and llama.cpp: a fresh KV cache, prefill of the LLaVA-1.5 prompt with the K rows injected where
-``<image>`` stands, the first greedy token, then D greedy tokens (EOS ignored) for decode speed.
-Every number is the median over images × repeats; time to first token (image in → first token
-out) is the sum of the stage medians, first-token sampling included. Writes
-``bench.json``, ``bench.csv`` and ``bench.png`` (stacked bars) to --out, the table to stdout.
+and llama.cpp: a fresh context sized for the run, prefill of the prompt with the image rows
+injected where ``<image>`` stands, the first greedy token, then D greedy tokens (EOS ignored) for
+decode speed. Every number is the median over images × repeats; time to first token (image in →
+first token out) is the sum of the stage medians, first-token sampling included. Next to the
+times: the rows fed and the peak resident memory while pruning and running the LLM (the context
+is created per run, so its KV cache holds just the prompt, the rows and the decoded tokens).
+Writes ``bench.json``, ``bench.csv`` and ``bench.png`` (stacked bars) to --out, the table to stdout.
+
+A LLaVA-NeXT bundle (manifest ``anyres``) runs through ``runtime.anyres_pipeline``: all tiles
+encoded as one batch, K split across tiles, rows packed with ``image_newline`` rows (fed and
+counted in "rows fed"); ``none`` feeds every row (~2,900 for a 672×672 image); default K
+640 320 160 (LLaVA-1.5: 64 128 192). Strategies reading the language-model probe are skipped there.
 
 ``--gguf PATH`` swaps in another LLaMA GGUF (e.g. a 7B-shaped random Q4_0 from
-tools/make_random_gguf.py); the probe is cut from it (same layer as the bundle's). When its width
+tools/make_random_gguf.py), also for a bundle without a language model; the probe is cut from it
+(same layer as the bundle's). When its width
 differs from the projector's, the LLM stages get seeded random rows N(0, 0.02²) of its width
 instead of the projected ones, and the output says so; the vision stages stay real. ``--mtmd``
 adds the libmtmd comparison of tools/bench_mtmd.py on the bundle's own checkpoint (--hf-model,
@@ -38,16 +46,18 @@ from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
 from runtime.llm import LlamaBackend, projector_out_dim
 from runtime.llm_bundle import open_language_model
-from runtime.pipeline import Pipeline
+from runtime.llm_context import LlamaContext
 from runtime.probe import LlamaProbe, probe_from_manifest
 from runtime.prompt_cache import ImageRows
-from runtime.strategies.registry import TEXT_TOWER, available, get_strategy
+from runtime.strategies.registry import available, get_strategy
 from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
 from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
-from tools.benchlib import decode_greedy_ms, median, sample_images, timed_ms
+from tools.benchlib import PeakRss, decode_greedy_ms, median, open_vision, sample_images, timed_ms
 
-PROMPT_ROOM = 512  # context positions reserved for the prompt text around the image rows
+PROMPT_ROOM = 512  # context positions reserved for the prompt text around the image rows (the probe's)
+TOKENIZER_CTX = 64  # the context held open with the model: it only tokenizes, each run opens its own
+WARMUP_ROWS = 32  # rows of the warm-up prefill (enough to touch every weight)
 
 
 @dataclass(frozen=True)
@@ -59,9 +69,11 @@ class _Llm:
     info: LlmInfo
     rows_for: Callable[[np.ndarray], np.ndarray]  # projected rows [M, E] -> rows the LLM gets
     probe: Callable[..., Any] | None
+    threads: int | None
 
 
 def _random_rows(count: int, width: int) -> np.ndarray:
+    """Seeded N(0, RANDOM_ROW_STD²) rows [count, width] (the first M rows are the same for every count)."""
     return (np.random.default_rng(0).standard_normal((count, width)) * RANDOM_ROW_STD).astype(np.float32)
 
 
@@ -83,38 +95,40 @@ def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int)
 
 def _open_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool) -> _Llm:
     """The bundle's GGUF (or --gguf), the prompt tokens, the row feeder and the probe callable."""
-    n_ctx = manifest.vision.num_patches + PROMPT_ROOM + config.decode_tokens
-    width = projector_out_dim(manifest.data) or 0
     segments = conversation_segments(Conversation().ask(config.question), get_template(manifest.chat_template))
     if config.gguf is not None:
-        return _open_other_llm(config, manifest, stack, wants_probe, n_ctx, segments)
-    backend = open_language_model(manifest.root, manifest.data, n_threads=config.threads, n_ctx=n_ctx)
+        return _open_other_llm(config, manifest, stack, wants_probe, segments)
+    if manifest.llm is None:
+        raise InputError(f"bundle {manifest.root} has no language model: run python -m export.llm --out "
+                         f"{manifest.root} ..., or pass --gguf")
+    backend = open_language_model(manifest.root, manifest.data, n_threads=config.threads, n_ctx=TOKENIZER_CTX)
     stack.callback(backend.close)
     probe = probe_from_manifest(manifest, config.question, n_threads=config.threads) if wants_probe else None
-    info = LlmInfo(str(backend.path), backend.n_embd, width, "the bundle's probe.gguf")
-    return _Llm(backend, encode_prompt(segments, backend), info, lambda rows: rows, probe)
+    info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0,
+                   "the bundle's probe.gguf")
+    return _Llm(backend, encode_prompt(segments, backend), info, lambda rows: rows, probe, config.threads)
 
 
-def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool, n_ctx: int,
+def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool,
                     segments: tuple) -> _Llm:
     """--gguf: its own probe, and random rows of its width when that differs from the projector's."""
-    backend = LlamaBackend(config.gguf, n_ctx=n_ctx, n_threads=config.threads)
+    backend = LlamaBackend(config.gguf, n_ctx=TOKENIZER_CTX, n_threads=config.threads)
     stack.callback(backend.close)
     info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0,
                    f"cut from {Path(config.gguf).name}")
-    random = _random_rows(manifest.vision.num_patches, backend.n_embd) if info.random_rows else None
-    rows_for = (lambda rows: random[: rows.shape[0]]) if random is not None else (lambda rows: rows)
+    width = backend.n_embd
+    rows_for = (lambda rows: _random_rows(rows.shape[0], width)) if info.random_rows else (lambda rows: rows)
     probe = None
     if wants_probe and manifest.llm is not None:
-        cut = _cut_probe(config, manifest, stack, n_ctx)
+        cut = _cut_probe(config, manifest, stack, manifest.vision.num_patches + PROMPT_ROOM + config.decode_tokens)
         tokens = encode_prompt(segments, cut.backend)
         bound = cut.bind(tokens.prefix, tokens.suffix)
         probe = lambda rows, final=False: bound(rows_for(rows), final=final)  # noqa: E731
-    return _Llm(backend, encode_prompt(segments, backend), info, rows_for, probe)
+    return _Llm(backend, encode_prompt(segments, backend), info, rows_for, probe, config.threads)
 
 
 @dataclass(frozen=True)
-class _Vision:
+class _Encoded:
     """The shared stages: encoded images and their per-run preprocess / encode times."""
 
     encoded: list[Any]
@@ -122,72 +136,74 @@ class _Vision:
     encode_ms: list[float]
 
 
-def _vision(pipeline: Pipeline, images: list[Image.Image], repeats: int) -> _Vision:
+def _encode_all(vision: Any, images: list[Image.Image], repeats: int) -> _Encoded:
     encoded, pre, enc = [], [], []
     for image in images:
-        encoded.append(pipeline.encoder.encode(pipeline.pixel_values(image)))  # warm-up; the strategies' input
+        encoded.append(vision.encode(image)[0])  # warm-up; the strategies' input
         for _ in range(repeats):
-            pixels, ms = timed_ms(lambda im=image: pipeline.pixel_values(im))
-            pre.append(ms)
-            enc.append(timed_ms(lambda px=pixels: pipeline.encoder.encode(px))[1])
-    return _Vision(encoded, pre, enc)
+            _, pre_ms, enc_ms = vision.encode(image)
+            pre.append(pre_ms)
+            enc.append(enc_ms)
+    return _Encoded(encoded, pre, enc)
 
 
 def _llm_run(llm: _Llm, rows: np.ndarray, decode_tokens: int) -> dict[str, float]:
-    """Prefill prefix + rows + suffix from an empty cache, first greedy token, then greedy decode."""
-    backend, prompt = llm.backend, llm.prompt
-    backend.reset()
+    """A context for prefix + rows + suffix + decode, prefill, first greedy token, then greedy decode."""
+    prompt = llm.prompt
+    n_ctx = len(prompt.prefix) + rows.shape[0] + len(prompt.suffix) + decode_tokens
+    context = LlamaContext(llm.backend.model, n_ctx=n_ctx, n_threads=llm.threads)
+    try:
+        prefill_ms = timed_ms(lambda: context.prefill([prompt.prefix, ImageRows(object(), rows), prompt.suffix]))[1]
+        first_ms = timed_ms(lambda: int(np.argmax(context.logits())))[1]
+        decode_ms = decode_greedy_ms(context, decode_tokens)
+    finally:
+        context.close()
+    return {"prefill": prefill_ms, "first_token": first_ms, "decode": decode_ms}
 
-    def prefill() -> None:
-        backend.prefill([prompt.prefix, ImageRows(object(), rows), prompt.suffix])
 
-    prefill_ms = timed_ms(prefill)[1]
-    first_ms = timed_ms(lambda: int(np.argmax(backend.logits())))[1]
-    return {"prefill": prefill_ms, "first_token": first_ms, "decode": decode_greedy_ms(backend, decode_tokens)}
-
-
-def _measure(pipeline: Pipeline, llm: _Llm, vision: _Vision, strategy: str, k: int, config: BenchConfig) -> StageRow:
-    """All images × repeats of one (strategy, K) -> medians."""
+def _measure(vision: Any, llm: _Llm, shared: _Encoded, strategy: str, k: int, config: BenchConfig,
+             memory: PeakRss) -> StageRow:
+    """All images × repeats of one (strategy, K) -> medians (peak memory: the most of any run)."""
     runs: list[dict[str, float]] = []
-    for encoded in vision.encoded:
+    for encoded in shared.encoded:
         for _ in range(config.repeats):
-            pruned = pipeline.prune_encoded(encoded, k, strategy, llm.probe, config.question)
-            t = pruned.timings_ms
-            run = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"],
-                   "text_tower": t.get("text_tower", 0.0) + t.get("clip_image", 0.0), "probe": t.get("probe", 0.0)}
-            runs.append(run | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens))
-    pre, enc = median(vision.preprocess_ms), median(vision.encode_ms)
+            memory.start()
+            pruned = vision.prune(encoded, k, strategy, llm.probe, config.question)
+            run = dict(pruned.stages_ms) | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens)
+            runs.append(run | {"tokens": pruned.tokens, "newlines": pruned.newline_rows, "rss": memory.stop()})
+    pre, enc = median(shared.preprocess_ms), median(shared.encode_ms)
     stages = {"preprocess": pre, "encode": enc} | {s: median([r[s] for r in runs]) for s in STAGES[2:]}
-    positions = len(llm.prompt.prefix) + k + len(llm.prompt.suffix)
+    tokens, newlines = (round(median([r[key] for r in runs])) for key in ("tokens", "newlines"))
+    positions = len(llm.prompt.prefix) + tokens + newlines + len(llm.prompt.suffix)
     tokens_per_s = config.decode_tokens / (median([r["decode"] for r in runs]) / 1000.0)
-    return StageRow(strategy, k, stages, sum(stages.values()), tokens_per_s, positions, len(runs))
+    return StageRow(strategy, tokens, stages, sum(stages.values()), tokens_per_s, positions, len(runs), newlines,
+                    max(r["rss"] for r in runs))
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
     """Measure every (strategy, K) of ``config``; see the module docstring."""
-    pipeline = Pipeline(config.bundle, threads=config.threads)
-    for k in config.tokens:
-        pipeline.check_budget(k)
+    memory = PeakRss()
+    vision = open_vision(config.bundle, config.threads)
+    manifest, tokens = vision.manifest, config.tokens or vision.default_tokens
     names = config.strategies or tuple(sorted(available(), key=lambda s: not get_strategy(s).keeps_all))  # baseline 1st
+    skipped = tuple(f"{s}: {reason}" for s in names if (reason := vision.refusal(s)))
+    plan = [(s, k) for s in names if not any(x.startswith(f"{s}:") for x in skipped) for k in vision.budgets(s, tokens)]
+    if not plan:
+        raise InputError("no strategy can run on this bundle: " + "; ".join(skipped))
     with ExitStack() as stack:
-        llm = _open_llm(config, pipeline.manifest, stack, any(get_strategy(s).needs_probe for s in names))
-        skipped = tuple(f"{s}: needs the probe (export.llm)" for s in names
-                        if get_strategy(s).needs_probe and llm.probe is None)
-        skipped += tuple(f"{s}: needs the CLIP text tower (export.clip --text-tower-only)" for s in names
-                         if TEXT_TOWER in get_strategy(s).needs and pipeline.manifest.text_tower is None)
-        plan = [(s, k) for s in names if not any(x.startswith(f"{s}:") for x in skipped)
-                for k in ((pipeline.num_patches,) if get_strategy(s).keeps_all else config.tokens)]
+        llm = _open_llm(config, manifest, stack, any(get_strategy(s).needs_probe for s, _ in plan))
         log(f"{len(plan)} (strategy, K) pairs × {config.images} images × {config.repeats} repeats; {llm.info.note()}")
         images = [Image.fromarray(a) for a in sample_images(config.images)]
-        vision = _vision(pipeline, images, config.repeats)
-        first = plan[0]
-        _llm_run(llm, llm.rows_for(pipeline.prune_encoded(vision.encoded[0], first[1], first[0], llm.probe,
-                                                          config.question).embeddings), 1)  # warm-up
+        shared = _encode_all(vision, images, config.repeats)
+        first = vision.prune(shared.encoded[0], plan[0][1], plan[0][0], llm.probe, config.question)
+        _llm_run(llm, llm.rows_for(first.embeddings[:WARMUP_ROWS]), 1)  # warm-up
         rows = []
         for strategy, k in plan:
-            rows.append(_measure(pipeline, llm, vision, strategy, k, config))
-            log(f"  {strategy} K={k}: time to first token {rows[-1].ttft_ms:.1f} ms")
-    return BenchResult(config, llm.info, tuple(rows), skipped)
+            rows.append(_measure(vision, llm, shared, strategy, k, config, memory))
+            log(f"  {strategy} K={rows[-1].tokens} ({rows[-1].rows_fed} rows): time to first token "
+                f"{rows[-1].ttft_ms:.1f} ms, peak RSS {rows[-1].peak_rss_mb:.0f} MB")
+    memory.stop()
+    return BenchResult(config, llm.info, tuple(rows), skipped, manifest.family, memory.overall)
 
 
 def build_parser() -> OneLineParser:
@@ -196,7 +212,8 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--gguf", type=Path, default=None, help="another LLaMA GGUF for the LLM stages "
                         "(default: the bundle's); of another width it gets random rows")
     parser.add_argument("--strategies", nargs="+", default=[], help="strategies to run (default: all registered)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[64, 128, 192], help="budgets K (default: 64 128 192)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[], help="budgets K (default: 64 128 192; "
+                        "for a LLaVA-NeXT bundle 640 320 160)")
     parser.add_argument("--images", type=int, default=2, help="sample photos to run (default: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per image, medians taken (default: 3)")
     parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode run (default: 16)")

@@ -7,18 +7,16 @@ One photo (scikit-image's cat) resized to ``--size`` (height, width; 672×672 gi
 with nothing unpadded) is preprocessed and encoded ``--repeats`` times (all T tiles as one batch),
 then each strategy prunes it at each K. Prints a markdown table of medians: rows fed (newlines
 included) next to the time of each stage. The language model's prefill of those rows is measured
-by ``tools/bench_llm.py --rows``; time to first token is the sum.
+by ``tools/bench_llm.py --rows``; ``tools/bench.py`` measures the whole chain, prefill included.
 """
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from runtime.anyres_pipeline import AnyresPipeline
 from runtime.cli import OneLineParser, log, run_cli
-from runtime.strategies.registry import get_strategy
-from tools.benchlib import markdown_table
+from tools.benchlib import TiledVision, markdown_table, median
 
 
 def bench_anyres(bundle: Path, size: tuple[int, int], strategies: list[str], budgets: list[int], repeats: int,
@@ -27,21 +25,19 @@ def bench_anyres(bundle: Path, size: tuple[int, int], strategies: list[str], bud
     from PIL import Image
     from skimage import data
 
-    pipeline = AnyresPipeline(bundle, threads=threads)
+    vision = TiledVision(AnyresPipeline(bundle, threads=threads))
     image = Image.fromarray(data.chelsea()).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    encoded = [pipeline.encode(image) for _ in range(repeats)]
-    pre = statistics.median(e.timings_ms["preprocess"] for e in encoded)
-    enc = statistics.median(e.timings_ms["encode"] for e in encoded)
-    log(f"{len(encoded[0].tiles)} tiles: preprocess {pre:.1f} ms, encode {enc:.1f} ms")
+    encoded = [vision.encode(image) for _ in range(repeats)]
+    pre, enc = median([e[1] for e in encoded]), median([e[2] for e in encoded])
+    tiles = len(encoded[0][0].tiles)
+    log(f"{tiles} tiles: preprocess {pre:.1f} ms, encode {enc:.1f} ms")
     cells = []
     for name in strategies:
-        for k in ([0] if get_strategy(name).keeps_all else budgets):
-            runs = [pipeline.prune_encoded(encoded[0], k, name) for _ in range(repeats)]
-            first = runs[0]
-            cells.append([name, first.tokens, int(first.order.is_newline.sum()), first.order.num_rows,
-                          f"{pre:.1f}", f"{enc:.1f}", f"{statistics.median(r.timings_ms['prune'] for r in runs):.1f}",
-                          f"{statistics.median(r.timings_ms['project'] for r in runs):.1f}"])
-    tiles = len(encoded[0].tiles)
+        for k in vision.budgets(name, budgets):
+            runs = [vision.prune(encoded[0][0], k, name) for _ in range(repeats)]
+            first, times = runs[0], (median([r.stages_ms[s] for r in runs]) for s in ("prune", "projector"))
+            cells.append([name, first.tokens, first.newline_rows, first.embeddings.shape[0], f"{pre:.1f}",
+                          f"{enc:.1f}", *(f"{t:.1f}" for t in times)])
     header = ["strategy", "K", "newline rows", "rows fed", "preprocess ms", f"encode ms ({tiles} tiles)", "prune ms",
               "project ms"]
     return markdown_table(header, cells)

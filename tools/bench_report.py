@@ -17,8 +17,8 @@ from runtime.atomic import write_atomic, write_json_atomic
 from tools.bench_types import STAGES, BenchResult
 from tools.benchlib import markdown_table
 
-CSV_COLUMNS = ("strategy", "tokens", *(f"{s}_ms" for s in STAGES), "ttft_ms", "decode_tokens_per_s",
-               "prefill_positions", "runs")
+CSV_COLUMNS = ("strategy", "tokens", "newline_rows", "rows_fed", *(f"{s}_ms" for s in STAGES), "ttft_ms",
+               "decode_tokens_per_s", "prefill_positions", "runs", "peak_rss_mb")
 COLORS = ("#b0b0b0", "#4c72b0", "#dd8452", "#55a868", "#da8bc3", "#c44e52", "#8172b3", "#937860")  # one per STAGES
 
 
@@ -26,8 +26,9 @@ def result_json(result: BenchResult) -> dict[str, Any]:
     """Everything as JSON-able values (paths as strings)."""
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result.config).items()}
     llm = dataclasses.asdict(result.llm) | {"random_rows": result.llm.random_rows, "note": result.llm.note()}
-    rows = [dataclasses.asdict(r) | {"stages_ms": dict(r.stages_ms)} for r in result.rows]
-    return {"config": config, "llm": llm, "rows": rows, "skipped": list(result.skipped),
+    rows = [dataclasses.asdict(r) | {"stages_ms": dict(r.stages_ms), "rows_fed": r.rows_fed} for r in result.rows]
+    return {"config": config, "family": result.family, "peak_rss_mb": result.peak_rss_mb, "llm": llm, "rows": rows,
+            "skipped": list(result.skipped),
             "mtmd": dict(result.mtmd) if result.mtmd is not None else None}
 
 
@@ -37,21 +38,29 @@ def csv_text(result: BenchResult) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for r in result.rows:
-        writer.writerow([r.strategy, r.tokens, *(repr(r.stages_ms[s]) for s in STAGES), repr(r.ttft_ms),
-                         repr(r.decode_tokens_per_s), r.prefill_positions, r.runs])
+        stages = (repr(r.stages_ms[s]) for s in STAGES)
+        writer.writerow([r.strategy, r.tokens, r.newline_rows, r.rows_fed, *stages, repr(r.ttft_ms),
+                         repr(r.decode_tokens_per_s), r.prefill_positions, r.runs, repr(r.peak_rss_mb)])
     return buffer.getvalue()
 
 
 def result_markdown(result: BenchResult) -> str:
-    """The stage table (milliseconds, medians) with a line saying which LLM fed on what."""
-    header = ["strategy", "K", *STAGES, "TTFT", "decode tok/s", "prefill positions"]
-    cells = [[r.strategy, r.tokens, *(f"{r.stages_ms[s]:.2f}" for s in STAGES), f"{r.ttft_ms:.2f}",
-              f"{r.decode_tokens_per_s:.1f}", r.prefill_positions] for r in result.rows]
+    """The stage table (milliseconds, medians) with lines saying which LLM fed on what and what was counted."""
+    header = ["strategy", "K", "newline rows", "rows fed", *STAGES, "TTFT", "decode tok/s", "prefill positions",
+              "peak RSS MB"]
+    cells = [[r.strategy, r.tokens, r.newline_rows, r.rows_fed, *(f"{r.stages_ms[s]:.2f}" for s in STAGES),
+              f"{r.ttft_ms:.2f}", f"{r.decode_tokens_per_s:.1f}", r.prefill_positions, f"{r.peak_rss_mb:.0f}"]
+             for r in result.rows]
     c = result.config
+    next_note = (" LLaVA-NeXT: all tiles encoded as one batch; prune = K split + per-tile pruning (+ cdpruner's "
+                 "text tower); projector = kept tokens + image_newline rows packed."
+                 if result.family == "llava-next" else "")
     lines = [f"{result.llm.note()}; probe: {result.llm.probe}.",
              f"Medians over {c.images} images × {c.repeats} repeats (ms; projector = all-N projection + the K rows; "
-             f"TTFT = image in → first token out; decode = {c.decode_tokens} greedy tokens).", "",
-             markdown_table(header, cells, "lr" + "r" * (len(header) - 2))]
+             f"TTFT = image in → first token out; decode = {c.decode_tokens} greedy tokens).{next_note} "
+             f"Peak RSS: the process's most resident memory while pruning and running the LLM (a context sized "
+             f"for the run); the whole run's: {result.peak_rss_mb:.0f} MB.", "",
+             markdown_table(header, cells, "lrrr" + "r" * (len(header) - 4))]
     lines += [f"skipped {s}" for s in result.skipped]
     return "\n".join(lines)
 
@@ -86,7 +95,7 @@ def plot_png(result: BenchResult, path: Path) -> Path:
 
     from tools.entropy_plots import save_png
 
-    labels = [f"{r.strategy}\nK={r.tokens}" for r in result.rows]
+    labels = [f"{r.strategy}\nK={r.tokens}" + (f"\n{r.rows_fed} rows" if r.newline_rows else "") for r in result.rows]
     parts = {s: [r.stages_ms[s] for r in result.rows] for s in STAGES}
     fig = Figure(figsize=(max(6.0, 0.75 * len(labels) + 2), 4.8), layout="constrained")
     FigureCanvasAgg(fig)

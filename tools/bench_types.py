@@ -22,7 +22,7 @@ class BenchConfig:
     bundle: Path
     gguf: Path | None = None
     strategies: tuple[str, ...] = ()  # empty: every registered strategy
-    tokens: tuple[int, ...] = (64, 128, 192)
+    tokens: tuple[int, ...] = ()  # empty: the family's defaults (64 128 192; LLaVA-NeXT 640 320 160)
     images: int = 2
     repeats: int = 3
     decode_tokens: int = 16
@@ -30,9 +30,9 @@ class BenchConfig:
     question: str = DEFAULT_QUESTION
 
     def __post_init__(self) -> None:
-        if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1 or not self.tokens:
-            raise InputError(f"need --images, --repeats, --decode-tokens >= 1 and some --tokens; got {self.images}, "
-                             f"{self.repeats}, {self.decode_tokens}, {list(self.tokens)}")
+        if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1:
+            raise InputError(f"need --images, --repeats, --decode-tokens >= 1; got {self.images}, "
+                             f"{self.repeats}, {self.decode_tokens}")
         for name in self.strategies:
             get_strategy(name)  # unknown names: one line listing the valid ones
 
@@ -42,12 +42,19 @@ class StageRow:
     """Medians of one (strategy, K)."""
 
     strategy: str
-    tokens: int  # K rows fed to the LLM
+    tokens: int  # K image tokens fed to the LLM (median over the runs; all of them for `none`)
     stages_ms: Mapping[str, float]  # every name in STAGES (0.0 where the stage does not run)
     ttft_ms: float  # the sum of stages_ms
     decode_tokens_per_s: float
-    prefill_positions: int  # prompt tokens + K
+    prefill_positions: int  # prompt tokens + rows fed
     runs: int  # images × repeats behind each median
+    newline_rows: int = 0  # LLaVA-NeXT's image_newline rows fed besides the K tokens (median)
+    peak_rss_mb: float = 0.0  # the most resident memory while pruning and running the LLM (max over runs)
+
+    @property
+    def rows_fed(self) -> int:
+        """Image rows the LLM is fed: K tokens + newline rows."""
+        return self.tokens + self.newline_rows
 
 
 @dataclass(frozen=True)
@@ -77,4 +84,6 @@ class BenchResult:
     llm: LlmInfo
     rows: tuple[StageRow, ...]
     skipped: tuple[str, ...] = ()  # strategies that could not run, with the reason
+    family: str = "llava-1.5"  # the bundle's (manifest ``family``)
+    peak_rss_mb: float = 0.0  # the whole run's peak resident memory
     mtmd: Mapping[str, Any] | None = field(default=None)

@@ -1,14 +1,29 @@
-"""Helpers shared by the benchmark tools: sample images, markdown tables, medians, greedy decoding."""
+"""Helpers shared by the benchmark tools: sample images, markdown tables, medians, greedy decoding,
+peak resident memory, and the vision side of a bundle of either family (:func:`open_vision`).
+
+:class:`FlatVision` (LLaVA-1.5's single view, ``runtime.pipeline.Pipeline``) and
+:class:`TiledVision` (LLaVA-NeXT's tiles, ``runtime.anyres_pipeline.AnyresPipeline``) give the
+benchmarks one interface: encode an image (preprocess and encode timed), prune it at K into the
+rows the language model is fed (newline rows included) with the prune-side stage times.
+"""
 
 from __future__ import annotations
 
+import resource
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from runtime.errors import SettingError
+from runtime.manifest import load_manifest
+from runtime.strategies.capabilities import refusal
+from runtime.strategies.registry import PROBE, get_strategy
 from tools.sample_photos import photo
 
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
@@ -58,3 +73,129 @@ def decode_greedy_ms(backend: Any, tokens: int) -> float:
     for _ in range(tokens):
         backend.eval_tokens([int(np.argmax(backend.logits()))])
     return 1000.0 * (time.perf_counter() - start)
+
+
+def _vm_hwm_mb() -> float:
+    """This process's resident high-water mark in MB (Linux ``VmHWM``; elsewhere ``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class PeakRss:
+    """Peak resident memory per measured span and of the whole run (MB).
+
+    ``start()`` resets the kernel's high-water mark (``/proc/self/clear_refs``, Linux); where that
+    is not possible (``separable`` False) a span reports the process's high-water mark so far."""
+
+    def __init__(self) -> None:
+        self.overall = _vm_hwm_mb()
+        self.separable = True
+
+    def start(self) -> None:
+        self.overall = max(self.overall, _vm_hwm_mb())
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                handle.write("5")  # 5: reset the peak RSS to the current RSS
+        except OSError:
+            self.separable = False
+
+    def stop(self) -> float:
+        """The peak since :meth:`start`."""
+        peak = _vm_hwm_mb()
+        self.overall = max(self.overall, peak)
+        return peak
+
+
+@dataclass(frozen=True)
+class PrunedRows:
+    """One image pruned at K, as the benchmarks see it."""
+
+    embeddings: np.ndarray  # [R, E] float32: the rows the language model is fed, newline rows included
+    tokens: int  # image tokens among them (K; all of them for a strategy that keeps all)
+    newline_rows: int  # R - tokens (LLaVA-NeXT's image_newline rows; 0 for LLaVA-1.5)
+    stages_ms: Mapping[str, float]  # prune, projector, text_tower, probe
+
+
+class FlatVision:
+    """LLaVA-1.5: one 336×336 view of N patches (``runtime.pipeline.Pipeline``)."""
+
+    default_tokens = (64, 128, 192)
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline, self.manifest = pipeline, pipeline.manifest
+
+    def encode(self, image: Any) -> tuple[Any, float, float]:
+        """``(encoded, preprocess ms, encode ms)``."""
+        pixels, pre = timed_ms(lambda: self.pipeline.pixel_values(image))
+        encoded, enc = timed_ms(lambda: self.pipeline.encoder.encode(pixels))
+        return encoded, pre, enc
+
+    def budgets(self, strategy: str, tokens: Sequence[int]) -> tuple[int, ...]:
+        """The K values to run ``strategy`` at, each checked (1..N); N alone for a strategy keeping all."""
+        ks = (self.pipeline.num_patches,) if get_strategy(strategy).keeps_all else tuple(tokens)
+        return tuple(self.pipeline.check_budget(k) for k in ks)
+
+    def refusal(self, strategy: str) -> str | None:
+        return refusal(get_strategy(strategy), self.manifest)
+
+    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None) -> PrunedRows:
+        pruned = self.pipeline.prune_encoded(encoded, k, strategy, probe, question)
+        t = pruned.timings_ms
+        stages = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"],
+                  "text_tower": t.get("text_tower", 0.0) + t.get("clip_image", 0.0), "probe": t.get("probe", 0.0)}
+        return PrunedRows(pruned.embeddings, pruned.tokens, 0, stages)
+
+
+class TiledVision:
+    """LLaVA-NeXT: a base view plus a grid of 336×336 tiles, encoded as one batch, pruned per tile
+    and packed with ``image_newline`` rows (``runtime.anyres_pipeline.AnyresPipeline``). The prune
+    stage includes the K split and, for cdpruner, the question's text tower (not timed apart)."""
+
+    default_tokens = (640, 320, 160)
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline, self.manifest = pipeline, pipeline.manifest
+
+    def encode(self, image: Any) -> tuple[Any, float, float]:
+        encoded = self.pipeline.encode(image)
+        return encoded, encoded.timings_ms["preprocess"], encoded.timings_ms["encode"]
+
+    def budgets(self, strategy: str, tokens: Sequence[int]) -> tuple[int, ...]:
+        """The K values (checked per image when pruning: the candidates depend on its size); 0 stands
+        for "all rows" when ``strategy`` keeps all."""
+        if get_strategy(strategy).keeps_all:
+            return (0,)
+        if any(k < 1 for k in tokens):
+            raise SettingError("tokens", f"must be >= 1, got {list(tokens)}")
+        return tuple(tokens)
+
+    def refusal(self, strategy: str) -> str | None:
+        if PROBE in get_strategy(strategy).needs:
+            return f"strategy {strategy!r} reads the language-model probe, not wired for LLaVA-NeXT bundles yet"
+        return refusal(get_strategy(strategy), self.manifest)
+
+    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None) -> PrunedRows:
+        pruned = self.pipeline.prune_encoded(encoded, k, strategy, question=question)
+        newlines = int(pruned.order.is_newline.sum())
+        stages = {"prune": pruned.timings_ms["prune"], "projector": pruned.timings_ms["project"],
+                  "text_tower": 0.0, "probe": 0.0}
+        return PrunedRows(pruned.embeddings, pruned.tokens, newlines, stages)
+
+
+def open_vision(bundle: str | Path, threads: int | None = None) -> FlatVision | TiledVision:
+    """The vision side of ``bundle``: :class:`TiledVision` when its manifest has ``anyres``."""
+    manifest = load_manifest(bundle)
+    if manifest.anyres is not None:
+        from runtime.anyres_pipeline import AnyresPipeline
+
+        return TiledVision(AnyresPipeline(manifest, threads=threads))
+    from runtime.pipeline import Pipeline
+
+    return FlatVision(Pipeline(manifest, threads=threads))

@@ -12,6 +12,7 @@ question, not that it is a good one — the caption names the bundle so nobody m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
@@ -42,10 +43,14 @@ def question_overlays(bundle: Path, image: Path, questions: list[str], strategy:
         kept.append([int(i) for i in result.kept])
         overlays.append(kept_overlay(rgb, pipeline.manifest.vision.grid, result.kept, None))
         titles.append(f"{question!r}\n{strategy}, K = {result.tokens}")
-    source = pipeline.manifest.data.get("source", {}).get("model", "?")
-    caption = caption or f"bundle {bundle.resolve().parent.name}/{bundle.name} (exported from {source})"
-    save_png(kept_panels_figure(overlays, titles, caption), out)
+    save_png(kept_panels_figure(overlays, titles, caption or bundle_caption(bundle, pipeline.manifest)), out)
     return kept
+
+
+def bundle_caption(bundle: Path, manifest: Any) -> str:
+    """The default caption of a kept-token figure: the bundle's folder and the model it was exported from."""
+    source = manifest.data.get("source", {}).get("model", "?")
+    return f"bundle {bundle.resolve().parent.name}/{bundle.name} (exported from {source})"
 
 
 def main(argv: list[str] | None = None) -> int:
