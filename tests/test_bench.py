@@ -331,7 +331,7 @@ def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, ca
     expected = {("none", 0): pipeline.prune(image, 1, "none")} | {
         ("entropy", k): pipeline.prune(image, k, "entropy") for k in (640, 320, 160)}
     assert set(table) == {(s, p.tokens) for (s, _), p in expected.items()}
-    assert "skipped entropyprune:" in stdout and "LLaVA-NeXT" in stdout
+    assert "skipped entropyprune: strategy 'entropyprune' needs" in stdout and "LLaVA-NeXT" in stdout  # no export.llm
     data = json.loads((out / "bench.json").read_text())
     assert data["family"] == "llava-next" and data["llm"]["random_rows"] is False and data["peak_rss_mb"] > 0
     with (out / "bench.csv").open() as handle:
@@ -354,3 +354,31 @@ def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, ca
     assert bare.embeddings.shape[0] != data["rows"][[r["tokens"] for r in data["rows"]].index(320)]["rows_fed"]
     with Image.open(out / "bench.png") as png:
         assert png.format == "PNG" and png.size[0] > 400
+
+
+@pytest.mark.llm
+def test_bench_runs_a_probe_strategy_on_a_llava_next_bundle(tiny_next_bundle: Path, tiny_next_dir: Path,
+                                                             tmp_path: Path) -> None:
+    """The bundle's own GGUF and probe: fastv's one probe of every packed row is timed apart, and the rows
+    fed are what AnyresPipeline feeds with that probe."""
+    import shutil
+
+    from PIL import Image
+
+    from export.llm import main as export_llm
+    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+    from tools.bench import BenchConfig, run_bench
+    from tools.benchlib import sample_images
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_next_bundle, bundle)
+    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
+    result = run_bench(BenchConfig(bundle, strategies=("fastv",), tokens=(64,), images=1, repeats=1, decode_tokens=2,
+                                   threads=2))
+    (row,) = result.rows
+    assert (row.strategy, row.tokens) == ("fastv", 64) and row.stages_ms["probe"] > 0 and not result.skipped
+    pipeline = AnyresPipeline(bundle)
+    probe = probe_from_manifest(pipeline.manifest, DEFAULT_QUESTION, n_threads=2, n_ctx=pipeline.probe_context())
+    expected = pipeline.prune(Image.fromarray(sample_images(1)[0]), 64, "fastv", probe=probe)
+    assert (row.rows_fed, row.newline_rows) == (expected.embeddings.shape[0], int(expected.order.is_newline.sum()))

@@ -19,7 +19,7 @@ Writes ``bench.json``, ``bench.csv`` and ``bench.png`` (stacked bars) to --out, 
 A LLaVA-NeXT bundle (manifest ``anyres``) runs through ``runtime.anyres_pipeline``: all tiles
 encoded as one batch, K split across tiles, rows packed with ``image_newline`` rows (fed and
 counted in "rows fed"); ``none`` feeds every row (~2,900 for a 672×672 image); default K
-640 320 160 (LLaVA-1.5: 64 128 192). Strategies reading the language-model probe are skipped there.
+640 320 160 (LLaVA-1.5: 64 128 192). The probe strategies' probe sees every packed row once.
 
 ``--gguf PATH`` swaps in another LLaMA GGUF (e.g. a 7B-shaped random Q4_0 from
 tools/make_random_gguf.py), also for a bundle without a language model; the probe is cut from it
@@ -55,7 +55,6 @@ from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
 from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
 from tools.benchlib import PeakRss, decode_greedy_ms, median, open_vision, sample_images, timed_ms
 
-PROMPT_ROOM = 512  # context positions reserved for the prompt text around the image rows (the probe's)
 TOKENIZER_CTX = 64  # the context held open with the model: it only tokenizes, each run opens its own
 WARMUP_ROWS = 32  # rows of the warm-up prefill (enough to touch every weight)
 
@@ -93,34 +92,36 @@ def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int)
     return probe
 
 
-def _open_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool) -> _Llm:
-    """The bundle's GGUF (or --gguf), the prompt tokens, the row feeder and the probe callable."""
+def _open_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool, probe_ctx: int) -> _Llm:
+    """The bundle's GGUF (or --gguf), the prompt tokens, the row feeder and the probe callable
+    (its context: ``probe_ctx`` positions)."""
     segments = conversation_segments(Conversation().ask(config.question), get_template(manifest.chat_template))
     if config.gguf is not None:
-        return _open_other_llm(config, manifest, stack, wants_probe, segments)
+        return _open_other_llm(config, manifest, stack, wants_probe, segments, probe_ctx)
     if manifest.llm is None:
         raise InputError(f"bundle {manifest.root} has no language model: run python -m export.llm --out "
                          f"{manifest.root} ..., or pass --gguf")
     backend = open_language_model(manifest.root, manifest.data, n_threads=config.threads, n_ctx=TOKENIZER_CTX)
     stack.callback(backend.close)
-    probe = probe_from_manifest(manifest, config.question, n_threads=config.threads) if wants_probe else None
+    probe = probe_from_manifest(manifest, config.question, n_threads=config.threads,
+                                n_ctx=probe_ctx) if wants_probe else None
     info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0,
                    "the bundle's probe.gguf")
     return _Llm(backend, encode_prompt(segments, backend), info, lambda rows: rows, probe, config.threads)
 
 
 def _open_other_llm(config: BenchConfig, manifest: Any, stack: ExitStack, wants_probe: bool,
-                    segments: tuple) -> _Llm:
+                    segments: tuple, probe_ctx: int) -> _Llm:
     """--gguf: its own probe, and random rows of its width when that differs from the projector's."""
     backend = LlamaBackend(config.gguf, n_ctx=TOKENIZER_CTX, n_threads=config.threads)
     stack.callback(backend.close)
-    info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0,
-                   f"cut from {Path(config.gguf).name}")
+    cut_from = f"cut from {Path(config.gguf).name}" if wants_probe and manifest.llm is not None else "none"
+    info = LlmInfo(str(backend.path), backend.n_embd, projector_out_dim(manifest.data) or 0, cut_from)
     width = backend.n_embd
     rows_for = (lambda rows: _random_rows(rows.shape[0], width)) if info.random_rows else (lambda rows: rows)
     probe = None
     if wants_probe and manifest.llm is not None:
-        cut = _cut_probe(config, manifest, stack, manifest.vision.num_patches + PROMPT_ROOM + config.decode_tokens)
+        cut = _cut_probe(config, manifest, stack, probe_ctx)
         tokens = encode_prompt(segments, cut.backend)
         bound = cut.bind(tokens.prefix, tokens.suffix)
         probe = lambda rows, final=False: bound(rows_for(rows), final=final)  # noqa: E731
@@ -191,7 +192,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
     if not plan:
         raise InputError("no strategy can run on this bundle: " + "; ".join(skipped))
     with ExitStack() as stack:
-        llm = _open_llm(config, manifest, stack, any(get_strategy(s).needs_probe for s, _ in plan))
+        llm = _open_llm(config, manifest, stack, any(get_strategy(s).needs_probe for s, _ in plan), vision.probe_ctx)
         log(f"{len(plan)} (strategy, K) pairs × {config.images} images × {config.repeats} repeats; {llm.info.note()}")
         images = [Image.fromarray(a) for a in sample_images(config.images)]
         shared = _encode_all(vision, images, config.repeats)

@@ -23,9 +23,10 @@ import numpy as np
 from runtime.errors import SettingError
 from runtime.manifest import load_manifest
 from runtime.strategies.capabilities import refusal
-from runtime.strategies.registry import PROBE, get_strategy
+from runtime.strategies.registry import get_strategy
 from tools.sample_photos import photo
 
+PROMPT_ROOM = 512  # probe context positions for the prompt text around LLaVA-1.5's image rows
 PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
 
 
@@ -130,6 +131,7 @@ class FlatVision:
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline, self.manifest = pipeline, pipeline.manifest
+        self.probe_ctx = self.manifest.vision.num_patches + PROMPT_ROOM  # positions the probe's context needs
 
     def encode(self, image: Any) -> tuple[Any, float, float]:
         """``(encoded, preprocess ms, encode ms)``."""
@@ -156,12 +158,14 @@ class FlatVision:
 class TiledVision:
     """LLaVA-NeXT: a base view plus a grid of 336×336 tiles, encoded as one batch, pruned per tile
     and packed with ``image_newline`` rows (``runtime.anyres_pipeline.AnyresPipeline``). The prune
-    stage includes the K split and, for cdpruner, the question's text tower (not timed apart)."""
+    stage includes the K split and, for cdpruner, the question's text tower (not timed apart); the
+    probe strategies' one probe of every packed row is timed apart."""
 
     default_tokens = (640, 320, 160)
 
     def __init__(self, pipeline: Any) -> None:
         self.pipeline, self.manifest = pipeline, pipeline.manifest
+        self.probe_ctx = pipeline.probe_context()  # every packed row of the largest pinpoint + text room
 
     def encode(self, image: Any) -> tuple[Any, float, float]:
         encoded = self.pipeline.encode(image)
@@ -177,15 +181,13 @@ class TiledVision:
         return tuple(tokens)
 
     def refusal(self, strategy: str) -> str | None:
-        if PROBE in get_strategy(strategy).needs:
-            return f"strategy {strategy!r} reads the language-model probe, not wired for LLaVA-NeXT bundles yet"
         return refusal(get_strategy(strategy), self.manifest)
 
     def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None) -> PrunedRows:
-        pruned = self.pipeline.prune_encoded(encoded, k, strategy, question=question)
-        newlines = int(pruned.order.is_newline.sum())
-        stages = {"prune": pruned.timings_ms["prune"], "projector": pruned.timings_ms["project"],
-                  "text_tower": 0.0, "probe": 0.0}
+        pruned = self.pipeline.prune_encoded(encoded, k, strategy, question=question, probe=probe)
+        newlines, t = int(pruned.order.is_newline.sum()), pruned.timings_ms
+        stages = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"], "text_tower": 0.0,
+                  "probe": t.get("probe", 0.0)}
         return PrunedRows(pruned.embeddings, pruned.tokens, newlines, stages)
 
 
