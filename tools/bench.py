@@ -72,8 +72,11 @@ class _Llm:
 
 
 def _random_rows(count: int, width: int) -> np.ndarray:
-    """Seeded N(0, RANDOM_ROW_STD²) rows [count, width] (the first M rows are the same for every count)."""
-    return (np.random.default_rng(0).standard_normal((count, width)) * RANDOM_ROW_STD).astype(np.float32)
+    """Seeded N(0, RANDOM_ROW_STD²) rows [count, width] float32, made in place (no float64 temporary
+    counted in the run's peak memory; the first M rows are the same for every count)."""
+    rows = np.random.default_rng(0).standard_normal((count, width), dtype=np.float32)
+    rows *= RANDOM_ROW_STD
+    return rows
 
 
 def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int) -> LlamaProbe:
