@@ -5,7 +5,7 @@
 
 The image is cut into tiles as the model sees them (``runtime.anyres_pipeline``), pruned at K
 split across tiles, and drawn in two panels: the 336×336 base view and the grid of 336×336 tiles
-side by side in their places (``tools/entropy_plots.kept_overlay`` per tile: dropped patches
+side by side at one scale in their places (``tools/entropy_plots.kept_overlay`` per tile: dropped patches
 dimmed, kept ones framed). Grid patches that unpadding removes (the padding around an image of
 another aspect) are never candidates and are painted flat ``PADDING``. ``image_newline`` rows are
 fed to the model but have no place on the image, so they are not drawn. On a bundle of random
@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from runtime.anyres_pack import PackedLayout
 from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.preprocess import load_image
-from tools.entropy_plots import display_image, kept_overlay, kept_panels_figure, save_png
+from tools.entropy_plots import DPI, display_image, kept_overlay, save_png
 from tools.question_overlay import bundle_caption
 
 PADDING = (0.92, 0.92, 0.92)  # RGB of a grid patch removed by unpadding (light grey)
@@ -67,6 +69,21 @@ def grid_overlay(tiles_rgb: np.ndarray, kept: tuple[np.ndarray, ...], layout: Pa
     return out
 
 
+def tiles_figure(panels: list[np.ndarray], titles: list[str], caption: str) -> Figure:
+    """The overlays side by side at one scale (panel widths in proportion to their pixels), titled."""
+    widths = [panel.shape[1] for panel in panels]
+    fig = Figure(figsize=(2.2 + sum(widths) / 110, 1.6 + max(p.shape[0] for p in panels) / 110), dpi=DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    for ax, panel, title in zip(fig.subplots(1, len(panels), width_ratios=widths, squeeze=False)[0], panels, titles,
+                                strict=True):
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=9, wrap=True)
+    fig.suptitle(caption, fontsize=9)
+    return fig
+
+
 def tiles_overlay(bundle: Path, image: Path, strategy: str, tokens: int, out: Path, tile_budget: str = "equal",
                   caption: str | None = None) -> TilesOverlay:
     """Prune ``image`` with ``strategy`` at ``tokens``, write the two-panel figure to ``out``."""
@@ -86,8 +103,7 @@ def tiles_overlay(bundle: Path, image: Path, strategy: str, tokens: int, out: Pa
     panels = [kept_overlay(rgb[0], side, kept[0], None), grid_overlay(rgb[1:], kept, layout, pixels.grid, side)]
     head = (f"{width}×{height} photo, K = {pruned.tokens} ({tile_budget} split), {pruned.order.num_rows} rows fed "
             f"with newlines (not drawn)")
-    save_png(kept_panels_figure(panels, titles, f"{caption or bundle_caption(bundle, pipeline.manifest)}\n{head}"),
-             out)
+    save_png(tiles_figure(panels, titles, f"{caption or bundle_caption(bundle, pipeline.manifest)}\n{head}"), out)
     return TilesOverlay(kept, candidates, pixels.grid, pruned.order.num_rows, Path(out))
 
 
