@@ -149,6 +149,6 @@ def test_dart_options_checked() -> None:
 
 
 def test_question_strategies_declare_their_needs() -> None:
-    assert get_strategy("cdpruner").needs == {"question", "text_tower"}
-    assert get_strategy("dart").needs == {"probe", "question"}
-    assert not get_strategy("entropy").needs
+    assert get_strategy("cdpruner").needs == {"question", "text_tower", "projector"}
+    assert get_strategy("dart").needs == {"probe", "probe_final", "question", "projector"}
+    assert get_strategy("entropy").needs == {"cls_attn"}

@@ -53,7 +53,7 @@ all, and ``gh·24`` packed grid rows, each followed by one ``image_newline`` row
   select = the sum over tiles with k_t > 0 of the single-view formula at (N_t = 576, k_t), e.g.
   divprune ``Σ_t N_t²·E`` and cdpruner ``Σ_t (N_t²·E + N_t·P + k_t²·N_t)``, not ``(T·576)²·E``;
   cdpruner's text tower runs once per image (the runtime reuses T for every tile), V = T·576·D·P.
-- Probe strategies (entropyprune, fastv, dart; not wired for LLaVA-NeXT in the runtime yet): one
+- Probe strategies (entropyprune, fastv, dart; ``runtime.anyres_probe``): one
   probe over ``prompt +`` all image rows (2928, newlines included), scores on the T·576 image rows;
   their selection formulas above with N = T·576 and T = prompt + 2928.
 
@@ -416,8 +416,8 @@ def _markdown_next(table: CostTable) -> str:
         f"L·layer(prompt + K + newlines); K split over tiles as tile_budget=equal; projector = rows·(D·E + E²) "
         f"(rows = K, + {model.candidates} for divprune, entropyprune, fastv, cdpruner, dart); vision strategies "
         f"and cdpruner select per tile, Σ_t over the T tiles with N_t = {n_t} (divprune Σ N_t²·E, cdpruner "
-        f"Σ N_t²·E + N_t·768 + k_t²·N_t), cdpruner's text tower once per image; probe strategies (not wired for "
-        f"NeXT in the runtime yet) one probe over prompt + {model.image_rows} rows, scores on "
+        f"Σ N_t²·E + N_t·768 + k_t²·N_t), cdpruner's text tower once per image; probe strategies "
+        f"one probe over prompt + {model.image_rows} rows, scores on "
         f"{model.candidates} image rows.",
         "",
         "| strategy | K | newline rows (≤) | vision | projector | text tower | probe | select | LLM prefill | total "
