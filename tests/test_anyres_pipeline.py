@@ -107,7 +107,7 @@ def test_budgets_and_newlines(pipeline: AnyresPipeline, photos) -> None:
         pipeline.prune(image, 10**6, "entropy")
     with pytest.raises(SettingError, match="tile_budget"):
         pipeline.prune(image, 64, "entropy", tile_budget="busy")
-    with pytest.raises(InputError, match="needs the language-model probe"):  # with one: tests/test_anyres_probe.py
+    with pytest.raises(BundleError, match="needs the language-model probe"):  # with one: tests/test_anyres_probe.py
         pipeline.prune(image, 64, "fastv")
 
 

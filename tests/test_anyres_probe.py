@@ -17,7 +17,7 @@ from export.reference_anyres import equal_budgets, packed_ids, reference_anyres
 from runtime.anyres_pack import pack_all, packed_layout
 from runtime.anyres_pipeline import AnyresPipeline
 from runtime.anyres_probe import SharedProbe, probe_context, probe_rows
-from runtime.errors import InputError
+from runtime.errors import BundleError
 from runtime.probe_scores import fastv_scores
 from runtime.tile_budget import split_tile_budget
 from runtime.types import ProbeOutput
@@ -194,7 +194,7 @@ def test_probe_of_one_tiles_rows_is_another_answer(pipeline, hf_next, encoded) -
 
 
 def test_probe_strategy_without_probe_is_one_line(pipeline, encoded) -> None:
-    with pytest.raises(InputError, match="needs the language-model probe: run python -m export.llm"):
+    with pytest.raises(BundleError, match="needs the language-model probe: run python -m export.llm"):
         pipeline.prune_encoded(encoded["wide 40x320"], 64, "fastv")
 
 
