@@ -76,15 +76,23 @@ def decode_greedy_ms(backend: Any, tokens: int) -> float:
     return 1000.0 * (time.perf_counter() - start)
 
 
-def _vm_hwm_mb() -> float:
-    """This process's resident high-water mark in MB (Linux ``VmHWM``; elsewhere ``ru_maxrss``)."""
+def _status_mb(field: str) -> float | None:
+    """``/proc/self/status`` field (``VmHWM``, ``VmRSS``) in MB; None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
+    return None
+
+
+def _vm_hwm_mb() -> float:
+    """This process's resident high-water mark in MB (Linux ``VmHWM``; elsewhere ``ru_maxrss``)."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, kB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
@@ -105,6 +113,10 @@ class PeakRss:
             with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
                 handle.write("5")  # 5: reset the peak RSS to the current RSS
         except OSError:
+            self.separable = False
+            return
+        rss, hwm = _status_mb("VmRSS"), _status_mb("VmHWM")
+        if rss is None or hwm is None or hwm > rss + 1.0:  # the write was accepted but changed nothing
             self.separable = False
 
     def stop(self) -> float:
