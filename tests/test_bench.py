@@ -276,18 +276,21 @@ RSS_SLACK_MB = 40  # page-size rounding, allocator arenas, numpy's temporaries
 
 
 def test_peak_rss_per_span() -> None:
-    from tools.benchlib import PeakRss
+    from tools.benchlib import PeakRss, _status_mb
 
     memory = PeakRss()
     memory.start()
     big = np.ones(ALLOC_MB * 2**20 // 8)  # touched: resident
     held = memory.stop()
     del big
+    resident = _status_mb("VmRSS")
     memory.start()
     after = memory.stop()
     if not memory.separable:
         pytest.skip("this kernel does not let a process reset its peak RSS")
-    assert held - after > ALLOC_MB - RSS_SLACK_MB, (held, after)  # a span forgets the previous one's peak
+    if resident is None or held - resident < ALLOC_MB - RSS_SLACK_MB:
+        pytest.skip(f"freed memory stays resident here (RSS {resident} MB after freeing {ALLOC_MB} MB of {held:.0f})")
+    assert after < resident + RSS_SLACK_MB, (held, resident, after)  # a span forgets the previous one's peak
     assert memory.overall >= held
 
 
