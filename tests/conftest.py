@@ -108,12 +108,37 @@ def tiny_mistral_next_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_next_model(tiny_next_dir: Path) -> Any:
+    """The tiny NeXT checkpoint as ``LlavaNextForConditionalGeneration``: eager attention, eval, float32."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        tiny_next_dir, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_next_bundle(tiny_next_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA-NeXT exported by the CLI ``python -m export.clip`` (validated, with its text tower)."""
     from export.clip import main
 
     out = tmp_path_factory.mktemp("tiny_next_bundle") / "bundle"
     assert main(["--model", str(tiny_next_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_next_llm_bundle(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny NeXT bundle plus ``export.llm --quant f32``; read-only for tests."""
+    import shutil
+
+    from export.llm import main
+
+    out = tmp_path_factory.mktemp("tiny_next_llm_bundle") / "bundle"
+    shutil.copytree(tiny_next_bundle, out)
+    assert main(["--model", str(tiny_next_dir), "--out", str(out), "--quant", "f32"]) == 0
     return out
 
 

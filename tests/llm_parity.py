@@ -8,6 +8,10 @@ consecutive (packed). The Hugging Face side builds its ``position_ids`` here, in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -44,3 +48,23 @@ def device_logits(llm: LlamaBackend, prompt: PromptTokens, rows: np.ndarray, off
     llm.reset()
     llm.prefill([prompt.prefix, ImageRows(object(), rows, offsets, span), prompt.suffix], output_all=suffix_all)
     return llm.logits(all_positions=True)[-len(prompt.suffix):] if suffix_all else llm.logits()
+
+
+@contextmanager
+def next_parity_setup(bundle: Path, next_dir: Path) -> Iterator[dict]:
+    """The NeXT bundle's pipeline, its f32 llama.cpp model (f32 KV, no flash attention), the HF
+    ``LlavaNextForConditionalGeneration`` in float32 and a one-question prompt, as a dict."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.llm_bundle import open_language_model
+    from runtime.template import Conversation, conversation_segments, encode_prompt
+
+    pipeline = AnyresPipeline(bundle)
+    llm = open_language_model(bundle, pipeline.manifest.data, kv_type="f32", flash_attn="off", n_ctx=4096)
+    try:
+        model = LlavaNextForConditionalGeneration.from_pretrained(next_dir, dtype=torch.float32).eval()
+        prompt = encode_prompt(conversation_segments(Conversation().ask("What is in the image?")), llm)
+        yield {"pipeline": pipeline, "llm": llm, "model": model, "prompt": prompt}
+    finally:
+        llm.close()

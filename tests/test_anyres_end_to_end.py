@@ -3,17 +3,12 @@ llama.cpp (f32) against LlavaNextForConditionalGeneration fed the same rows (las
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from runtime.anyres_pipeline import AnyresPipeline
-from runtime.llm_bundle import open_language_model
-from runtime.template import Conversation, conversation_segments, encode_prompt
-from tests.llm_parity import device_logits, hf_logits
+from tests.llm_parity import device_logits, hf_logits, next_parity_setup
 
 pytestmark = pytest.mark.llm
 
@@ -21,20 +16,9 @@ LOGIT_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory) -> dict:
-    from transformers import LlavaNextForConditionalGeneration
-
-    from export.llm import main as export_llm
-
-    bundle = tmp_path_factory.mktemp("next_e2e") / "bundle"
-    shutil.copytree(tiny_next_bundle, bundle)
-    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
-    pipeline = AnyresPipeline(bundle)
-    llm = open_language_model(bundle, pipeline.manifest.data, kv_type="f32", flash_attn="off", n_ctx=4096)
-    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir, dtype=torch.float32).eval()
-    prompt = encode_prompt(conversation_segments(Conversation().ask("What is in the image?")), llm)
-    yield {"pipeline": pipeline, "llm": llm, "model": model, "prompt": prompt}
-    llm.close()
+def setup(tiny_next_llm_bundle: Path, tiny_next_dir: Path) -> dict:
+    with next_parity_setup(tiny_next_llm_bundle, tiny_next_dir) as parts:
+        yield parts
 
 
 @pytest.mark.parametrize(("strategy", "tokens"), [("none", 0), ("entropy", 200), ("divprune", 120)])

@@ -32,14 +32,6 @@ def pipeline(tiny_next_bundle: Path) -> AnyresPipeline:
     return AnyresPipeline(tiny_next_bundle)
 
 
-@pytest.fixture(scope="module")
-def hf_next(tiny_next_dir: Path):
-    from transformers import LlavaNextForConditionalGeneration
-
-    return LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
-
-
 @torch.no_grad()
 def _hf_packed(model, pixels) -> np.ndarray:
     """HF's rows for one image: ``get_image_features`` (transformers 5 returns them packed, newlines in)."""
@@ -49,10 +41,10 @@ def _hf_packed(model, pixels) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", list(SIZES))
-def test_none_equals_hf_pack_image_features(pipeline: AnyresPipeline, hf_next, photos, name: str) -> None:
+def test_none_equals_hf_pack_image_features(pipeline: AnyresPipeline, tiny_next_model, photos, name: str) -> None:
     image = _image(photos, name)
     result = pipeline.prune(image, strategy="none")
-    expected = _hf_packed(hf_next, pipeline.pixels(image))
+    expected = _hf_packed(tiny_next_model, pipeline.pixels(image))
     assert result.embeddings.shape == expected.shape and result.order.num_rows == result.total_rows
     np.testing.assert_allclose(result.embeddings, expected, rtol=0, atol=ROWS_ATOL, err_msg=name)
     # negative control: no newline rows is another sequence
@@ -61,7 +53,8 @@ def test_none_equals_hf_pack_image_features(pipeline: AnyresPipeline, hf_next, p
 
 
 @pytest.mark.parametrize("strategy", ["entropy", "fastervlm", "visionzip", "divprune"])
-def test_per_tile_strategies_equal_the_reference(pipeline: AnyresPipeline, hf_next, photos, strategy: str) -> None:
+def test_per_tile_strategies_equal_the_reference(pipeline: AnyresPipeline, tiny_next_model, photos,
+                                                 strategy: str) -> None:
     """On an image that fills its best resolution (no padding: every patch is a candidate), each
     tile's kept patches and rows equal the PyTorch reference run on that tile with its k_t."""
     image = _image(photos, "exact 336x672")
@@ -70,7 +63,8 @@ def test_per_tile_strategies_equal_the_reference(pipeline: AnyresPipeline, hf_ne
     assert result.tokens == 96 and [t.kept for t in result.tiles] == [32, 32, 32]
     order = result.order
     for tile in result.tiles:
-        ref = reference_prune(hf_next, torch.from_numpy(pixels.pixel_values[tile.tile])[None], strategy, tile.kept)
+        tile_pixels = torch.from_numpy(pixels.pixel_values[tile.tile])[None]
+        ref = reference_prune(tiny_next_model, tile_pixels, strategy, tile.kept)
         rows = np.flatnonzero(order.source_tile == tile.tile)
         got = dict(zip(order.source_patch[rows].tolist(), rows.tolist(), strict=True))
         assert sorted(got) == sorted(ref.kept.tolist()), (strategy, tile.tile)
@@ -129,19 +123,13 @@ def test_a_15_bundle_is_refused(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.llm
-def test_chat_answers_about_a_next_image(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory,
-                                         photos, capsys) -> None:
+def test_chat_answers_about_a_next_image(tiny_next_llm_bundle: Path, tmp_path_factory, photos, capsys) -> None:
     """export.llm on the NeXT checkpoint, then runtime.chat feeds the packed rows (newlines included)
     to llama.cpp; the pruned rows are what AnyresPipeline gives."""
-    import shutil
-
-    from export.llm import main as export_llm
     from runtime.assistant import Assistant, Settings
     from runtime.chat import main as chat
 
-    bundle = tmp_path_factory.mktemp("next_llm") / "bundle"
-    shutil.copytree(tiny_next_bundle, bundle)
-    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
+    bundle = tiny_next_llm_bundle
     photo = tmp_path_factory.mktemp("next_photo") / "chelsea.png"
     photos["chelsea"].save(photo)
     argv = ["--model", str(bundle), "--image", str(photo), "--prompt", "What is shown?", "--max-tokens", "3",

@@ -60,14 +60,6 @@ def pipeline(tiny_next_bundle: Path) -> AnyresPipeline:
 
 
 @pytest.fixture(scope="module")
-def hf_next(tiny_next_dir: Path):
-    from transformers import LlavaNextForConditionalGeneration
-
-    return LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir, attn_implementation="eager",
-                                                             dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
 def encoded(pipeline: AnyresPipeline, photos) -> dict:
     """Each size's tiles through the ONNX encoder once."""
     photo = photos["chelsea"]
@@ -129,11 +121,11 @@ def test_reference_equal_budget_equals_runtime(caps: list[int]) -> None:
         assert equal_budgets(budget, caps) == split_tile_budget(budget, caps).tolist(), (budget, caps)
 
 
-def test_reference_pack_order_equals_runtime_layout(hf_next) -> None:
+def test_reference_pack_order_equals_runtime_layout(tiny_next_model) -> None:
     """HF's pack_image_features on identity features names the same (tile, patch) per row as the runtime."""
     for size in [(40, 320), (500, 200), (4000, 1)]:
         layout = packed_layout(size, PINPOINTS)
-        ids = packed_ids(hf_next, layout.num_tiles, size).numpy()
+        ids = packed_ids(tiny_next_model, layout.num_tiles, size).numpy()
         assert ids.shape[0] == layout.total_rows, size
         grid = ids[576:][ids[576:, 0] >= 0]
         np.testing.assert_array_equal(grid, np.stack([layout.tile.ravel(), layout.patch.ravel()], 1))
@@ -142,12 +134,12 @@ def test_reference_pack_order_equals_runtime_layout(hf_next) -> None:
 # --- against the PyTorch reference ---------------------------------------------------------------
 @pytest.mark.parametrize(("strategy", "name"), [("fastv", "tall 500x200"), ("fastv", "wide 40x320"),
                                               ("entropyprune", "wide 40x320"), ("dart", "wide 40x320")])
-def test_probe_strategies_equal_the_reference(pipeline, hf_next, encoded, name: str, strategy: str) -> None:
+def test_probe_strategies_equal_the_reference(pipeline, tiny_next_model, encoded, name: str, strategy: str) -> None:
     enc = encoded[name]
     question = "What is it?" if strategy == "dart" else None
-    result = pipeline.prune_encoded(enc, 150, strategy, question=question, probe=TorchProbe(hf_next))
-    ref = reference_anyres(hf_next, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size, strategy, 150,
-                           prompt=(PREFIX, SUFFIX), P=P)
+    result = pipeline.prune_encoded(enc, 150, strategy, question=question, probe=TorchProbe(tiny_next_model))
+    ref = reference_anyres(tiny_next_model, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size,
+                           strategy, 150, prompt=(PREFIX, SUFFIX), P=P)
     _check_against_reference(result, ref, f"{strategy} {name}")
     assert all(t.report["probe_layer"] == P - 1 and t.report["probe_rows"] == result.total_rows
                for t in result.tiles if t.kept)
@@ -155,39 +147,39 @@ def test_probe_strategies_equal_the_reference(pipeline, hf_next, encoded, name: 
 
 
 @pytest.mark.parametrize("name", ["tall 500x200", "wide 40x320"])  # exact sizes: test_anyres_pipeline
-def test_merge_strategy_equals_the_padding_aware_reference(pipeline, hf_next, encoded, name: str) -> None:
+def test_merge_strategy_equals_the_padding_aware_reference(pipeline, tiny_next_model, encoded, name: str) -> None:
     """``entropy`` (per-tile layers, mean merge inside a tile) on images whose grid tiles hold padding."""
     enc = encoded[name]
     result = pipeline.prune_encoded(enc, 120, "entropy")
     pixels = torch.from_numpy(enc.pixels.pixel_values)
-    vision = vision_outputs(hf_next, pixels)  # the tiles' tower outputs, shared by both reference runs
-    ref = reference_anyres(hf_next, pixels, enc.pixels.image_size, "entropy", 120, vision=vision)
+    vision = vision_outputs(tiny_next_model, pixels)  # the tiles' tower outputs, shared by both reference runs
+    ref = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, "entropy", 120, vision=vision)
     _check_against_reference(result, ref, name)
     for tile, expected in zip(result.tiles, ref.tiles, strict=True):
         if tile.kept:
             assert tile.report["layers"] == {"shallow": expected.layers["l_s"], "deep": expected.layers["l_d"]}
     # negative control: padding patches left as candidates keep another set
-    wrong = reference_anyres(hf_next, pixels, enc.pixels.image_size, "entropy", 120, unpad=False, vision=vision)
+    wrong = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, "entropy", 120, unpad=False, vision=vision)
     assert any(not np.array_equal(w.kept.numpy(), r.kept.numpy()) for w, r in zip(wrong.tiles, ref.tiles, strict=True))
 
 
-def test_vision_strategies_equal_the_padding_aware_reference(pipeline, hf_next, encoded) -> None:
+def test_vision_strategies_equal_the_padding_aware_reference(pipeline, tiny_next_model, encoded) -> None:
     """The other vision strategies (visionzip merges into contextual tokens) on a padded image."""
     enc = encoded["wide 40x320"]
     pixels = torch.from_numpy(enc.pixels.pixel_values)
-    vision = vision_outputs(hf_next, pixels)
+    vision = vision_outputs(tiny_next_model, pixels)
     for strategy in ("fastervlm", "visionzip", "divprune", "uniform"):
         result = pipeline.prune_encoded(enc, 100, strategy)
-        ref = reference_anyres(hf_next, pixels, enc.pixels.image_size, strategy, 100, vision=vision)
+        ref = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, strategy, 100, vision=vision)
         _check_against_reference(result, ref, strategy)
 
 
-def test_probe_of_one_tiles_rows_is_another_answer(pipeline, hf_next, encoded) -> None:
+def test_probe_of_one_tiles_rows_is_another_answer(pipeline, tiny_next_model, encoded) -> None:
     """Negative control through the product: each tile probed on its own rows keeps another set."""
     enc = encoded["tall 500x200"]
-    ref = reference_anyres(hf_next, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size, "fastv", 150,
-                           prompt=(PREFIX, SUFFIX), P=P)
-    wrong = pipeline.prune_encoded(enc, 150, "fastv", probe=TorchProbe(hf_next), probe_scope="tile")
+    ref = reference_anyres(tiny_next_model, torch.from_numpy(enc.pixels.pixel_values), enc.pixels.image_size,
+                           "fastv", 150, prompt=(PREFIX, SUFFIX), P=P)
+    wrong = pipeline.prune_encoded(enc, 150, "fastv", probe=TorchProbe(tiny_next_model), probe_scope="tile")
     kept = [wrong.order.source_patch[wrong.order.source_tile == t] for t in range(len(ref.tiles))]
     assert any(not np.array_equal(k, r.kept.numpy()) for k, r in zip(kept, ref.tiles, strict=True))
     assert wrong.tiles[0].report["probe_rows"] == wrong.tiles[0].candidates
@@ -200,15 +192,8 @@ def test_probe_strategy_without_probe_is_one_line(pipeline, encoded) -> None:
 
 # --- llama.cpp -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def next_llm_bundle(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory) -> Path:
-    import shutil
-
-    from export.llm import main as export_llm
-
-    bundle = tmp_path_factory.mktemp("next_probe") / "bundle"
-    shutil.copytree(tiny_next_bundle, bundle)
-    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
-    return bundle
+def next_llm_bundle(tiny_next_llm_bundle: Path) -> Path:
+    return tiny_next_llm_bundle
 
 
 @pytest.mark.llm
@@ -233,7 +218,7 @@ def test_prune_cli_runs_probe_strategies_on_next(next_llm_bundle: Path, photos, 
 
 
 @pytest.mark.llm
-def test_llama_probe_picks_the_reference_rows(next_llm_bundle: Path, hf_next, encoded) -> None:
+def test_llama_probe_picks_the_reference_rows(next_llm_bundle: Path, tiny_next_model, encoded) -> None:
     """On device (f32 probe of every packed row) each tile keeps the reference's fastv / entropyprune rows."""
     from runtime.probe import open_probe
     from runtime.template import Conversation, conversation_segments, encode_prompt
@@ -246,7 +231,7 @@ def test_llama_probe_picks_the_reference_rows(next_llm_bundle: Path, hf_next, en
         prompt = encode_prompt(conversation_segments(Conversation().ask("What is in the image?")), probe.backend)
         for strategy in ("fastv", "entropyprune"):
             result = pipeline.prune_encoded(enc, 150, strategy, probe=probe.bind(prompt.prefix, prompt.suffix))
-            ref = reference_anyres(hf_next, pixels, enc.pixels.image_size, strategy, 150,
+            ref = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, strategy, 150,
                                    prompt=(prompt.prefix, prompt.suffix), P=P)
             _check_against_reference(result, ref, f"llama.cpp {strategy}")
 

@@ -31,38 +31,28 @@ LLAVA_15_KEYS = {"schema", "source", "family", "libraries", "opset", "files", "i
 
 
 @pytest.fixture(scope="module")
-def next_model(tiny_next_dir: Path) -> Any:
-    """The tiny checkpoint as ``LlavaNextForConditionalGeneration``: eager attention, eval, float32."""
-    from transformers import LlavaNextForConditionalGeneration
-
-    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir, attn_implementation="eager",
-                                                              dtype=torch.float32)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def photo_tiles(tiny_next_dir: Path, next_model, photos) -> dict[str, Any]:
+def photo_tiles(tiny_next_dir: Path, tiny_next_model, photos) -> dict[str, Any]:
     """HF's processor and get_image_features on a 451x300 photo: a grid with unpadded columns."""
     from transformers import AutoProcessor
 
     inputs = AutoProcessor.from_pretrained(tiny_next_dir).image_processor(images=photos["chelsea"],
                                                                           return_tensors="pt")
     with torch.no_grad():
-        out = next_model.model.get_image_features(pixel_values=inputs["pixel_values"],
+        out = tiny_next_model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                   image_sizes=inputs["image_sizes"], output_hidden_states=True)
     return {"pixels": inputs["pixel_values"][0].numpy(), "image_sizes": inputs["image_sizes"],
             "hidden_states": [h.numpy() for h in out.hidden_states], "packed": out.pooler_output[0].numpy()}
 
 
-def test_hf_loads_the_tiny_checkpoint(tiny_next_dir: Path, next_model) -> None:
+def test_hf_loads_the_tiny_checkpoint(tiny_next_dir: Path, tiny_next_model) -> None:
     from transformers import AutoProcessor, LlavaNextProcessor
 
-    config = next_model.config
+    config = tiny_next_model.config
     assert config.model_type == "llava_next" and config.image_grid_pinpoints == PINPOINTS
     assert (config.vision_config.image_size, config.vision_config.patch_size) == (336, 14)
     assert (config.vision_config.num_hidden_layers, config.vision_config.hidden_size) == (24, 64)
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
-    newline = next_model.model.image_newline.detach().numpy()
+    newline = tiny_next_model.model.image_newline.detach().numpy()
     assert newline.shape == (64,) and 0.5 < np.abs(newline).mean() < 2.0  # O(1), never zero
     processor = AutoProcessor.from_pretrained(tiny_next_dir)
     assert isinstance(processor, LlavaNextProcessor)
@@ -89,12 +79,12 @@ def test_manifest_records_family_anyres_and_image_newline(tiny_next_bundle: Path
     assert manifest.files["image_newline"] == name and manifest.text_tower is not None
 
 
-def test_image_newline_npz_equals_hf(tiny_next_bundle: Path, next_model) -> None:
+def test_image_newline_npz_equals_hf(tiny_next_bundle: Path, tiny_next_model) -> None:
     with np.load(member(tiny_next_bundle, "image_newline"), allow_pickle=False) as data:
         assert sorted(data.files) == ["export_id", "image_newline"]
         newline, export_id = data["image_newline"], data["export_id"]
     assert newline.dtype == np.float32 and newline.shape == (64,)
-    np.testing.assert_array_equal(newline, next_model.model.image_newline.detach().numpy())
+    np.testing.assert_array_equal(newline, tiny_next_model.model.image_newline.detach().numpy())
     assert export_id.shape == () and str(export_id) == load_manifest(tiny_next_bundle).export_id
 
 
@@ -109,7 +99,7 @@ def test_onnx_tiles_equal_hf_per_tile(tiny_next_bundle: Path, photo_tiles) -> No
         np.testing.assert_allclose(got["features"][t], expected[t], rtol=0, atol=MAX_ABS, err_msg=f"tile {t}")
 
 
-def test_projected_tiles_packed_with_the_exported_newline_equal_hf(tiny_next_bundle: Path, next_model,
+def test_projected_tiles_packed_with_the_exported_newline_equal_hf(tiny_next_bundle: Path, tiny_next_model,
                                                                     photo_tiles) -> None:
     from export.validate import run_onnx
 
@@ -118,8 +108,9 @@ def test_projected_tiles_packed_with_the_exported_newline_equal_hf(tiny_next_bun
     with np.load(member(tiny_next_bundle, "image_newline")) as data:
         newline = torch.from_numpy(data["image_newline"])
     with torch.no_grad():
-        packed, _ = next_model.model.pack_image_features([torch.from_numpy(embeddings)], photo_tiles["image_sizes"],
-                                                         "default", image_newline=newline)
+        packed, _ = tiny_next_model.model.pack_image_features(
+            [torch.from_numpy(embeddings)], photo_tiles["image_sizes"], "default", image_newline=newline
+        )
     assert packed[0].shape == photo_tiles["packed"].shape
     np.testing.assert_allclose(packed[0].numpy(), photo_tiles["packed"], rtol=0, atol=MAX_ABS)
 
@@ -145,16 +136,16 @@ def test_negative_control_newline_of_another_export_is_refused(tiny_next_bundle:
         checked_npz(*args, "20000101T000000Z-000000", data, "export.clip")
 
 
-def test_unpack_hand_case_and_hf_round_trip(next_model) -> None:
+def test_unpack_hand_case_and_hf_round_trip(tiny_next_model) -> None:
     packed = np.array([[0.0], [1.0], [2.0], [9.0]], dtype=np.float32)  # base, tile 1, tile 2, newline
     tiles, newline = unpack(packed, gh=1, gw=2, grid=1)
     np.testing.assert_array_equal(tiles, [[[0.0]], [[1.0]], [[2.0]]])
     np.testing.assert_array_equal(newline, [[9.0]])
     rng = np.random.default_rng(3)
     tiles = rng.standard_normal((5, GRID * GRID, 64)).astype(np.float32)
-    newline = next_model.model.image_newline.detach()
+    newline = tiny_next_model.model.image_newline.detach()
     with torch.no_grad():  # a 672x672 image: the 2x2 grid, nothing unpadded
-        hf, _ = next_model.model.pack_image_features([torch.from_numpy(tiles)], torch.tensor([[672, 672]]),
+        hf, _ = tiny_next_model.model.pack_image_features([torch.from_numpy(tiles)], torch.tensor([[672, 672]]),
                                                      "default", image_newline=newline)
     got, rows = unpack(hf[0].numpy(), 2, 2, GRID)
     np.testing.assert_array_equal(got, tiles)

@@ -11,7 +11,6 @@ must miss Hugging Face's original-position logits by far more than the tolerance
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -229,22 +228,11 @@ def test_quantised_cache_moves_cells(smollm2_gguf: Path) -> None:  # noqa: F811 
 
 
 @pytest.fixture(scope="module")
-def llava_next(tiny_next_bundle: Path, tiny_next_dir: Path, tmp_path_factory) -> dict:
-    import torch
-    from transformers import LlavaNextForConditionalGeneration
+def llava_next(tiny_next_llm_bundle: Path, tiny_next_dir: Path) -> dict:
+    from tests.llm_parity import next_parity_setup
 
-    from export.llm import main as export_llm
-    from runtime.anyres_pipeline import AnyresPipeline
-    from runtime.llm_bundle import open_language_model
-
-    bundle = tmp_path_factory.mktemp("next_positions") / "bundle"
-    shutil.copytree(tiny_next_bundle, bundle)
-    assert export_llm(["--model", str(tiny_next_dir), "--out", str(bundle), "--quant", "f32"]) == 0
-    pipeline = AnyresPipeline(bundle)
-    llm = open_language_model(bundle, pipeline.manifest.data, kv_type="f32", flash_attn="off", n_ctx=4096)
-    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_next_dir, dtype=torch.float32).eval()
-    yield {"pipeline": pipeline, "llm": llm, "model": model, "prompt": _prompt(llm)}
-    llm.close()
+    with next_parity_setup(tiny_next_llm_bundle, tiny_next_dir) as parts:
+        yield parts
 
 
 @pytest.mark.llm
