@@ -7,9 +7,11 @@ figures render headless and in parallel tests. Pure array helpers (``display_ima
 
 from __future__ import annotations
 
+import argparse
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -94,6 +96,19 @@ def kept_overlay(rgb: np.ndarray, grid: int, kept: np.ndarray, assignment: np.nd
         r, c = divmod(int(j), grid)
         out[r * patch:(r + 1) * patch, c * patch:(c + 1) * patch][frame] = colors[pos]
     return np.clip(out, 0.0, 1.0)
+
+
+def bundle_caption(bundle: Path, manifest: Any) -> str:
+    """The default caption of a kept-token figure: the bundle's folder and the model it was exported from."""
+    source = manifest.data.get("source", {}).get("model", "?")
+    return f"bundle {bundle.resolve().parent.name}/{bundle.name} (exported from {source})"
+
+
+def add_figure_args(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """A figure tool's ``--caption`` (default: :func:`bundle_caption`) and ``--out`` PNG arguments."""
+    parser.add_argument("--caption", default=None,
+                        help="figure caption (default: the bundle and the model it was exported from)")
+    parser.add_argument("--out", type=Path, default=Path(default_out), help=f"PNG to write (default: {default_out})")
 
 
 def _new_figure(width: float, height: float) -> Figure:

@@ -12,7 +12,6 @@ question, not that it is a good one — the caption names the bundle so nobody m
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
@@ -20,7 +19,14 @@ from runtime.pipeline import Pipeline
 from runtime.preprocess import load_image
 from runtime.probe import probe_from_manifest
 from runtime.strategies.registry import get_strategy
-from tools.entropy_plots import display_image, kept_overlay, kept_panels_figure, save_png
+from tools.entropy_plots import (
+    add_figure_args,
+    bundle_caption,
+    display_image,
+    kept_overlay,
+    kept_panels_figure,
+    save_png,
+)
 
 
 def question_overlays(bundle: Path, image: Path, questions: list[str], strategy: str, tokens: int,
@@ -47,12 +53,6 @@ def question_overlays(bundle: Path, image: Path, questions: list[str], strategy:
     return kept
 
 
-def bundle_caption(bundle: Path, manifest: Any) -> str:
-    """The default caption of a kept-token figure: the bundle's folder and the model it was exported from."""
-    source = manifest.data.get("source", {}).get("model", "?")
-    return f"bundle {bundle.resolve().parent.name}/{bundle.name} (exported from {source})"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="tools/question_overlay.py", description=__doc__.splitlines()[0])
     parser.add_argument("image", type=Path, help="photo to prune")
@@ -60,10 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", action="append", default=[], help="a question (repeat for more panels)")
     parser.add_argument("--strategy", default="cdpruner", help="a question-aware strategy (default: cdpruner)")
     parser.add_argument("--tokens", type=int, default=64, help="visual tokens to keep, K (default: 64)")
-    parser.add_argument("--caption", default=None,
-                        help="figure caption (default: the bundle and the model it was exported from)")
-    parser.add_argument("--out", type=Path, default=Path("question_overlay.png"),
-                        help="PNG to write (default: question_overlay.png)")
+    add_figure_args(parser, "question_overlay.png")
     args = parser.parse_args(argv)
 
     def body() -> int:

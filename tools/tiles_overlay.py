@@ -25,8 +25,7 @@ from runtime.anyres_pack import PackedLayout
 from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.preprocess import load_image
-from tools.entropy_plots import DPI, display_image, kept_overlay, save_png
-from tools.question_overlay import bundle_caption
+from tools.entropy_plots import DPI, add_figure_args, bundle_caption, display_image, kept_overlay, save_png
 
 PADDING = (0.92, 0.92, 0.92)  # RGB of a grid patch removed by unpadding (light grey)
 
@@ -115,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=320, help="image tokens to keep over all tiles, K (default: 320)")
     parser.add_argument("--tile-budget", default="equal", help="K split across tiles: equal or perplexity "
                         "(default: equal)")
-    parser.add_argument("--caption", default=None,
-                        help="figure caption (default: the bundle and the model it was exported from)")
-    parser.add_argument("--out", type=Path, default=Path("tiles_overlay.png"),
-                        help="PNG to write (default: tiles_overlay.png)")
+    add_figure_args(parser, "tiles_overlay.png")
     args = parser.parse_args(argv)
 
     def body() -> int:
