@@ -8,7 +8,9 @@ modules (only its error type):
   *identity features* (each patch's row holds ``(tile, patch, 0)``, the newline ``(-1, -1, 1)``), so
   every row of HF's unpruned pack names its patch; a tile's candidates are its patches present in
   that pack (``unpad=False``, the plausible bug, keeps every patch as a candidate instead).
-- **Budget**: ``equal`` split (method.md §5) dealt one token at a time (a plain loop).
+- **Budget**: ``equal`` split (method.md §5) dealt one token at a time (a plain loop); ``perplexity``
+  in exact rationals (``fractions.Fraction``), each tile weighted by ``exp`` of its head-mean [CLS]
+  entropy over its candidates at the deep layer the entropy rule picks for that tile.
 - **Vision strategies** (``export.reference.STRATEGIES``): each tile's tower outputs restricted to its
   candidates, then :func:`export.reference.prune_outputs` with its k_t (merging stays in the tile).
 - **Probe strategies** (``fastv``, ``entropyprune``, ``dart``): the language model runs once on
@@ -25,16 +27,18 @@ modules (only its error type):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor, nn
 
-from export.reference import STRATEGIES, ReferenceVision, prune_outputs, vision_outputs
+from export.reference import STRATEGIES, EntropyOptions, ReferenceVision, prune_outputs, vision_outputs
 from export.reference_llm import entropyprune_scores, fastv_scores
 from export.reference_question import DartStates, dart_select, dart_states
-from export.reference_vision import rank_descending
+from export.reference_vision import attention_entropy, choose_layers, head_mean_distribution, rank_descending
 from runtime.errors import InputError
 
 PROBE_STRATEGIES = ("fastv", "entropyprune", "dart")
@@ -85,21 +89,71 @@ def equal_budgets(budget: int, caps: Sequence[int]) -> list[int]:
     return out
 
 
+def perplexity_budgets(budget: int, caps: Sequence[int], entropy: Sequence[float]) -> list[int]:
+    """method.md §5 ``perplexity`` in exact rationals: quotas K·w_t/Σw over w = exp(H_t), tiles whose
+    quota reaches their cap fixed at it and the rest recomputed until none does; then every tile gets
+    floor(quota) and the largest fractional parts one more, ties to the smaller tile index."""
+    if not 1 <= budget <= sum(caps):
+        raise InputError(f"budget K must satisfy 1 <= K <= {sum(caps)}, got {budget}")
+    weight = [Fraction(math.exp(h)) for h in entropy]
+    capped = {t for t in range(len(caps)) if caps[t] == 0}
+    while True:
+        free = budget - sum(caps[t] for t in capped)
+        open_tiles = [t for t in range(len(caps)) if t not in capped]
+        total = sum(weight[t] for t in open_tiles)
+        quota = {t: free * weight[t] / total for t in open_tiles}
+        full = {t for t in open_tiles if quota[t] >= caps[t]}
+        if not full:
+            break
+        capped |= full
+    quota.update({t: Fraction(caps[t]) for t in capped})
+    counts = [math.floor(quota[t]) for t in range(len(caps))]
+    order = sorted(range(len(caps)), key=lambda t: (-(quota[t] - counts[t]), t))
+    for t in order[: budget - sum(counts)]:
+        counts[t] += 1
+    return counts
+
+
+def deep_entropies(vision: ReferenceVision, cands: Sequence[Tensor], rule: EntropyOptions) -> list[float]:
+    """H_t(l_d) per tile: the head-mean [CLS] distribution over the tile's candidates (renormalised),
+    its entropy per layer, read at the deep layer ``rule`` picks for that tile; 0 for a tile without
+    candidates (its cap is 0)."""
+    out = []
+    for t, cand in enumerate(cands):
+        if cand.numel() == 0:
+            out.append(0.0)
+            continue
+        entropy = attention_entropy(head_mean_distribution(vision.cls_attn[t][:, :, cand]))
+        out.append(float(entropy[choose_layers(entropy, rule.rule, rule.shallow, rule.deep, rule.fixed).l_d - 1]))
+    return out
+
+
 @torch.no_grad()
 def reference_anyres(model: nn.Module, pixel_values: Tensor, image_size: Sequence[int], strategy: str, budget: int,
                      prompt: tuple[Sequence[int], Sequence[int]] | None = None, P: int = 2, unpad: bool = True,
-                     vision: ReferenceVision | None = None, **options: object) -> AnyresReference:
+                     vision: ReferenceVision | None = None, tile_budget: str = "equal",
+                     **options: object) -> AnyresReference:
     """[T, 3, S, S] tiles (base first) of an image of ``image_size`` (h, w) -> per-tile results and rows.
 
     ``prompt`` (prefix ids, suffix ids) around the image is needed by the probe strategies; ``P`` is
     their pruning layer; ``options`` go to the vision strategy (``export.reference.make_options``);
-    ``vision``: the tiles' :func:`export.reference.vision_outputs` (B = T) when already computed.
+    ``vision``: the tiles' :func:`export.reference.vision_outputs` (B = T) when already computed;
+    ``tile_budget``: ``equal`` or ``perplexity`` (its layer rule: the entropy options in ``options``,
+    else their defaults).
     """
     ids = packed_ids(model, pixel_values.shape[0], image_size)
     n = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     cands = [torch.sort(ids[ids[:, 0] == t, 1]).values if unpad else torch.arange(n)
              for t in range(pixel_values.shape[0])]
-    budgets = equal_budgets(budget, [int(c.shape[0]) for c in cands])
+    caps = [int(c.shape[0]) for c in cands]
+    if tile_budget == "perplexity":
+        vision = vision_outputs(model, pixel_values) if vision is None else vision
+        rule = EntropyOptions(**{k: v for k, v in options.items() if k in ("rule", "shallow", "deep", "fixed")})
+        budgets = perplexity_budgets(budget, caps, deep_entropies(vision, cands, rule))
+    elif tile_budget == "equal":
+        budgets = equal_budgets(budget, caps)
+    else:
+        raise InputError(f"unknown tile_budget {tile_budget!r}; choose equal or perplexity")
     if strategy in PROBE_STRATEGIES:
         if prompt is None or not unpad:
             raise InputError("the probe strategies need the prompt, and only unpadded patches have rows")

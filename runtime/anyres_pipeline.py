@@ -175,7 +175,8 @@ class AnyresPipeline:
             if not 1 <= tokens <= int(caps.sum()):
                 raise SettingError("tokens", f"must be in 1..{int(caps.sum())} (the image's candidate patches over "
                                              f"{layout.num_tiles} tiles), got {tokens}")
-            entropy = _deep_entropy(encoded.tiles, cands, opts) if tile_budget == "perplexity" else None
+            entropy = (_deep_entropy(encoded.tiles, cands, self._layer_rule(opts)) if tile_budget == "perplexity"
+                       else None)
             budgets = split_tile_budget(tokens, caps, tile_budget, entropy)
         clip = None
         if TEXT_TOWER in chosen.needs:  # the question's text embeddings once per image, V per tile
@@ -204,6 +205,15 @@ class AnyresPipeline:
                                    tuple(s.counts[np.argsort(kept[t])].tolist()) if s else ())
                         for t, s in enumerate(selections))
         return PrunedAnyres(rows, order, reports, strategy, layout.total_rows, pixels.image_size, pixels.grid, timings)
+
+    def _layer_rule(self, options: Any) -> dict[str, Any]:
+        """The entropy layer rule ``perplexity`` weighs tiles with: the bundle's pruning defaults (rule,
+        ranges), each replaced by the strategy's option of that name where it has one (``entropy``'s)."""
+        pruning = self.manifest.pruning
+        rule: dict[str, Any] = {"rule": pruning.rule, "shallow": tuple(pruning.shallow), "deep": tuple(pruning.deep)}
+        fields = {f.name for f in dataclasses.fields(options)}
+        rule.update({k: getattr(options, k) for k in ("rule", "shallow", "deep", "fixed") if k in fields})
+        return rule
 
     def _shared_probe(self, encoded: AnyresEncoded, cands: list[np.ndarray], layout: PackedLayout, probe: ProbeFn,
                       scope: str, timings: dict[str, float]) -> tuple[SharedProbe, np.ndarray]:
@@ -258,17 +268,17 @@ def _tile_report(selection: Selection | None, shared: SharedProbe | None, candid
     return {**selection.report, "probe_rows": shared.rows.num_rows if shared.scope == "image" else candidates}
 
 
-def _deep_entropy(encoded: tuple[EncoderOutput, ...], candidates: list[np.ndarray], options: Any) -> np.ndarray:
-    """``H_t(l_d)`` [T]: each tile's [CLS] entropy at its own deep layer (the entropy rule's choice)."""
-    fields = {f.name for f in dataclasses.fields(options)}
-    defaults = {k: getattr(options, k) for k in ("rule", "shallow", "deep", "fixed") if k in fields}
+def _deep_entropy(encoded: tuple[EncoderOutput, ...], candidates: list[np.ndarray],
+                  rule: Mapping[str, Any]) -> np.ndarray:
+    """``H_t(l_d)`` [T]: each tile's [CLS] entropy over its candidates at its own deep layer, the layer
+    ``choose_layers(**rule)`` picks."""
     out = []
     for tile, cand in zip(encoded, candidates, strict=True):
         if not cand.size:  # a tile unpadding removed entirely: its cap is 0 anyway
             out.append(0.0)
             continue
         entropy = layer_entropy(layer_distributions(tile.cls_attn[:, :, cand]))
-        out.append(float(entropy[choose_layers(entropy, **defaults).deep - 1]))
+        out.append(float(entropy[choose_layers(entropy, **rule).deep - 1]))
     return np.asarray(out, np.float64)
 
 

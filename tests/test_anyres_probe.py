@@ -12,14 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from export.reference import vision_outputs
-from export.reference_anyres import equal_budgets, packed_ids, reference_anyres
+from export.reference import EntropyOptions, vision_outputs
+from export.reference_anyres import deep_entropies, equal_budgets, packed_ids, perplexity_budgets, reference_anyres
 from runtime.anyres_pack import pack_all, packed_layout
 from runtime.anyres_pipeline import AnyresPipeline
 from runtime.anyres_probe import SharedProbe, probe_context, probe_rows
 from runtime.errors import BundleError
 from runtime.probe_scores import fastv_scores
-from runtime.tile_budget import split_tile_budget
 from runtime.types import ProbeOutput
 from tests.strategy_fakes import make_probe
 
@@ -115,12 +114,6 @@ def test_probe_context_fits_the_largest_pack() -> None:
     assert probe_context(PINPOINTS, 336, 14) == 576 + 48 * 49 + 2048
 
 
-@pytest.mark.parametrize("caps", [[576] * 5, [1, 576, 576], [576, 0, 300, 12, 576], [3, 3, 3]])
-def test_reference_equal_budget_equals_runtime(caps: list[int]) -> None:
-    for budget in (1, 7, sum(caps) // 2, sum(caps)):
-        assert equal_budgets(budget, caps) == split_tile_budget(budget, caps).tolist(), (budget, caps)
-
-
 def test_reference_pack_order_equals_runtime_layout(tiny_next_model) -> None:
     """HF's pack_image_features on identity features names the same (tile, patch) per row as the runtime."""
     for size in [(40, 320), (500, 200), (4000, 1)]:
@@ -172,6 +165,27 @@ def test_vision_strategies_equal_the_padding_aware_reference(pipeline, tiny_next
         result = pipeline.prune_encoded(enc, 100, strategy)
         ref = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, strategy, 100, vision=vision)
         _check_against_reference(result, ref, strategy)
+
+
+@pytest.mark.parametrize("strategy", ["entropy", "fastervlm", "fastv"])
+def test_perplexity_budget_equals_the_reference(pipeline, tiny_next_model, encoded, strategy: str) -> None:
+    """``tile_budget="perplexity"`` on an image whose grid tiles hold padding: each tile's k_t, kept
+    patches and rows equal the reference (weights exp H_t(l_d) over the tile's candidates, exact quotas)."""
+    enc = encoded["tall 500x200"]
+    pixels = torch.from_numpy(enc.pixels.pixel_values)
+    probe = TorchProbe(tiny_next_model) if strategy == "fastv" else None
+    result = pipeline.prune_encoded(enc, 150, strategy, probe=probe, tile_budget="perplexity")
+    ref = reference_anyres(tiny_next_model, pixels, enc.pixels.image_size, strategy, 150, prompt=(PREFIX, SUFFIX),
+                           P=P, tile_budget="perplexity")
+    assert [t.kept for t in result.tiles] == list(ref.budgets), strategy
+    caps = [int(t.candidates.shape[0]) for t in ref.tiles]
+    assert list(ref.budgets) != equal_budgets(150, caps)  # the tiles' entropies differ: not the equal split
+    _check_against_reference(result, ref, f"perplexity {strategy}")
+    # negative control: weights from each tile's entropy over all its patches (padding included)
+    everything = [torch.arange(576)] * len(caps)
+    wrong = perplexity_budgets(150, caps, deep_entropies(vision_outputs(tiny_next_model, pixels), everything,
+                                                         EntropyOptions()))
+    assert wrong != list(ref.budgets)
 
 
 def test_probe_of_one_tiles_rows_is_another_answer(pipeline, tiny_next_model, encoded) -> None:

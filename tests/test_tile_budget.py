@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from export.reference_anyres import equal_budgets, perplexity_budgets
 from runtime import tile_budget
 from runtime.errors import InputError
 from runtime.selection import top_k
@@ -39,36 +39,6 @@ PERPLEXITY_CASES = [
 ]
 
 
-def loop_equal(budget: int, caps: list[int]) -> list[int]:
-    """Deal K tokens one by one to the open tile holding the fewest, ties to the smaller index."""
-    counts = [0] * len(caps)
-    for _ in range(budget):
-        t = min((t for t in range(len(caps)) if counts[t] < caps[t]), key=lambda t: (counts[t], t))
-        counts[t] += 1
-    return counts
-
-
-def loop_perplexity(budget: int, caps: list[int], entropy: list[float]) -> list[int]:
-    """Exact rational quotas K w_t / sum w over exp(H_t), capped tiles removed until none exceeds."""
-    weight = [Fraction(math.exp(h)) for h in entropy]
-    capped = {t for t in range(len(caps)) if caps[t] == 0}
-    while True:
-        free = budget - sum(caps[t] for t in capped)
-        open_tiles = [t for t in range(len(caps)) if t not in capped]
-        total = sum(weight[t] for t in open_tiles)
-        quota = {t: free * weight[t] / total for t in open_tiles}
-        full = {t for t in open_tiles if quota[t] >= caps[t]}
-        if not full:
-            break
-        capped |= full
-    quota.update({t: Fraction(caps[t]) for t in capped})
-    counts = [math.floor(quota[t]) for t in range(len(caps))]
-    order = sorted(range(len(caps)), key=lambda t: (-(quota[t] - counts[t]), t))
-    for t in order[: budget - sum(counts)]:
-        counts[t] += 1
-    return counts
-
-
 def random_tiles(seed: int) -> tuple[int, list[int], list[float]]:
     """2..9 tiles, caps in 0..60 (some tight), entropies in [0, ln 576], K in 1..sum(caps)."""
     rng = np.random.default_rng(seed)
@@ -95,7 +65,7 @@ def assert_perplexity_case(budget: int, caps: list[int], entropy: list[float],
 @pytest.mark.parametrize(("budget", "caps", "expected"), EQUAL_CASES)
 def test_equal_hand_cases(budget: int, caps: list[int], expected: list[int]) -> None:
     assert_equal_case(budget, caps, expected)
-    assert loop_equal(budget, caps) == expected
+    assert equal_budgets(budget, caps) == expected
 
 
 @pytest.mark.parametrize(("budget", "caps", "entropy", "quotas", "expected"), PERPLEXITY_CASES)
@@ -110,10 +80,10 @@ def test_perplexity_hand_cases(budget: int, caps: list[int], entropy: list[float
 @pytest.mark.parametrize("seed", range(40))
 def test_both_modes_match_loop_references(seed: int) -> None:
     budget, caps, entropy = random_tiles(seed)
-    np.testing.assert_array_equal(split_tile_budget(budget, caps), loop_equal(budget, caps),
+    np.testing.assert_array_equal(split_tile_budget(budget, caps), equal_budgets(budget, caps),
                                   err_msg=f"equal K={budget} caps={caps}")
     np.testing.assert_array_equal(split_tile_budget(budget, caps, "perplexity", np.array(entropy)),
-                                  loop_perplexity(budget, caps, entropy),
+                                  perplexity_budgets(budget, caps, entropy),
                                   err_msg=f"perplexity K={budget} caps={caps} H={entropy}")
 
 
