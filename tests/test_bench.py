@@ -259,8 +259,43 @@ def test_bench_with_a_gguf_of_another_width(tiny_llm_bundle: Path, tmp_path: Pat
 
 
 @pytest.mark.llm
+def test_bench_feeds_original_positions(tiny_llm_bundle: Path) -> None:
+    """``positions="original"``: the K rows sit at their patch indices, so the prompt spans all N image
+    positions (packed: K); the run decodes the gaps (one llama_decode per run of kept rows)."""
+    from tools.bench import BenchConfig, run_bench
+    from tools.bench_report import result_markdown
+
+    spans = {}
+    for positions in ("packed", "original"):
+        result = run_bench(BenchConfig(tiny_llm_bundle, strategies=("entropy",), tokens=(32,), images=1, repeats=1,
+                                       decode_tokens=2, threads=2, positions=positions))
+        (row,) = result.rows
+        assert row.rows_fed == 32 and row.stages_ms["prefill"] > 0
+        spans[positions] = row.prefill_positions
+        assert f"image rows at {positions} positions" in result_markdown(result)
+    assert spans["original"] - spans["packed"] == 576 - 32
+
+
+def test_tiled_bench_rows_carry_the_pack_positions(tiny_next_bundle: Path, photos) -> None:
+    """LLaVA-NeXT: ``original`` gives each fed row (newlines included) its place in the full pack."""
+    from runtime.anyres_pipeline import AnyresPipeline
+    from tools.benchlib import TiledVision
+
+    vision = TiledVision(AnyresPipeline(tiny_next_bundle))
+    encoded = vision.encode(photos["chelsea"])[0]
+    packed = vision.prune(encoded, 160, "entropy")
+    original = vision.prune(encoded, 160, "entropy", positions="original")
+    assert packed.positions is None and packed.span is None
+    np.testing.assert_array_equal(original.embeddings, packed.embeddings)
+    expected = vision.pipeline.prune_encoded(encoded, 160, "entropy").image_rows(None, "original")
+    np.testing.assert_array_equal(original.positions, expected.positions)
+    assert original.span == expected.span > original.positions[-1] >= packed.embeddings.shape[0]
+
+
+@pytest.mark.llm
 @pytest.mark.parametrize("extra, message", [(["--strategies", "nope"], "unknown strategy 'nope'"),
-                                            (["--tokens", "0"], "--tokens must be in 1..576")])
+                                            (["--tokens", "0"], "--tokens must be in 1..576"),
+                                            (["--positions", "scattered"], "--positions")])
 def test_bench_bad_inputs_are_one_line_errors(tiny_llm_bundle: Path, tmp_path: Path, capsys, extra: list[str],
                                               message: str) -> None:
     from tools.bench import main

@@ -1,7 +1,8 @@
 """Measured per-stage breakdown of image → answer, per strategy and budget, and libmtmd side by side.
 
 ``python tools/bench.py --model BUNDLE [--gguf PATH] [--strategies S ...] [--tokens K ...]
-[--images N] [--repeats R] [--decode-tokens D] [--threads N] [--out DIR] [--mtmd [--hf-model CKPT]]``
+[--images N] [--repeats R] [--decode-tokens D] [--threads N] [--positions packed|original] [--out DIR]
+[--mtmd [--hf-model CKPT]]``
 
 Per image and repeat: preprocess and encode (shared by every strategy: measured once per image
 and repeat), then per strategy and budget K the strategy itself (prune), the projector (all N
@@ -9,7 +10,8 @@ rows for DivPrune/EntropyPrune/FastV/CDPruner/DART, then the K kept ones), CDPru
 (the question through CLIP's text tower and V, the features in CLIP space), the probe
 (EntropyPrune, FastV; DART with its final-norm probe),
 and llama.cpp: a fresh context sized for the run, prefill of the prompt with the image rows
-injected where ``<image>`` stands, the first greedy token, then D greedy tokens (EOS ignored) for
+injected where ``<image>`` stands (``--positions original``: each at its true position, method.md
+§6), the first greedy token, then D greedy tokens (EOS ignored) for
 decode speed. Every number is the median over images × repeats; time to first token (image in →
 first token out) is the sum of the stage medians, first-token sampling included. Next to the
 times: the rows fed and the peak resident memory while pruning and running the LLM (the context
@@ -151,13 +153,16 @@ def _encode_all(vision: Any, images: list[Image.Image], repeats: int) -> _Encode
     return _Encoded(encoded, pre, enc)
 
 
-def _llm_run(llm: _Llm, rows: np.ndarray, decode_tokens: int) -> dict[str, float]:
-    """A context for prefix + rows + suffix + decode, prefill, first greedy token, then greedy decode."""
+def _llm_run(llm: _Llm, rows: np.ndarray, decode_tokens: int, positions: np.ndarray | None = None,
+             span: int | None = None) -> dict[str, float]:
+    """A context for prefix + rows + suffix + decode, prefill (the rows at ``positions``/``span``,
+    :class:`ImageRows`), first greedy token, then greedy decode."""
     prompt = llm.prompt
-    n_ctx = len(prompt.prefix) + rows.shape[0] + len(prompt.suffix) + decode_tokens
+    n_ctx = len(prompt.prefix) + rows.shape[0] + len(prompt.suffix) + decode_tokens  # cells: gaps take none
     context = LlamaContext(llm.backend.model, n_ctx=n_ctx, n_threads=llm.threads)
+    image = ImageRows(object(), rows, positions, span)
     try:
-        prefill_ms = timed_ms(lambda: context.prefill([prompt.prefix, ImageRows(object(), rows), prompt.suffix]))[1]
+        prefill_ms = timed_ms(lambda: context.prefill([prompt.prefix, image, prompt.suffix]))[1]
         first_ms = timed_ms(lambda: int(np.argmax(context.logits())))[1]
         decode_ms = decode_greedy_ms(context, decode_tokens)
     finally:
@@ -172,13 +177,16 @@ def _measure(vision: Any, llm: _Llm, shared: _Encoded, strategy: str, k: int, co
     for encoded in shared.encoded:
         for _ in range(config.repeats):
             memory.start()
-            pruned = vision.prune(encoded, k, strategy, llm.probe, config.question)
-            run = dict(pruned.stages_ms) | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens)
-            runs.append(run | {"tokens": pruned.tokens, "newlines": pruned.newline_rows, "rss": memory.stop()})
+            pruned = vision.prune(encoded, k, strategy, llm.probe, config.question, config.positions)
+            run = dict(pruned.stages_ms) | _llm_run(llm, llm.rows_for(pruned.embeddings), config.decode_tokens,
+                                                    pruned.positions, pruned.span)
+            rows_fed = pruned.embeddings.shape[0]
+            runs.append(run | {"tokens": pruned.tokens, "newlines": pruned.newline_rows, "rss": memory.stop(),
+                               "span": rows_fed if pruned.span is None else pruned.span})
     pre, enc = median(shared.preprocess_ms), median(shared.encode_ms)
     stages = {"preprocess": pre, "encode": enc} | {s: median([r[s] for r in runs]) for s in STAGES[2:]}
-    tokens, newlines = (round(median([r[key] for r in runs])) for key in ("tokens", "newlines"))
-    positions = len(llm.prompt.prefix) + tokens + newlines + len(llm.prompt.suffix)
+    tokens, newlines, span = (round(median([r[key] for r in runs])) for key in ("tokens", "newlines", "span"))
+    positions = len(llm.prompt.prefix) + span + len(llm.prompt.suffix)
     tokens_per_s = config.decode_tokens / (median([r["decode"] for r in runs]) / 1000.0)
     return StageRow(strategy, tokens, stages, sum(stages.values()), tokens_per_s, positions, len(runs), newlines,
                     max(r["rss"] for r in runs))
@@ -223,6 +231,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--decode-tokens", type=int, default=16, help="greedy tokens per decode run (default: 16)")
     parser.add_argument("--threads", type=int, default=None, help="threads for onnxruntime and llama.cpp "
                         "(default: their own defaults)")
+    parser.add_argument("--positions", default="packed",
+                        help="image rows' positions (method.md §6): packed, or original (their true positions, one "
+                        "llama_decode per run of consecutive rows) (default: packed)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory (default: bench-out)")
     parser.add_argument("--mtmd", action="store_true", help="also compare with llama.cpp's libmtmd (default: off)")
     parser.add_argument("--hf-model", type=Path, default=None,
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         config = BenchConfig(args.model, args.gguf, tuple(args.strategies), tuple(args.tokens), args.images,
-                             args.repeats, args.decode_tokens, args.threads)
+                             args.repeats, args.decode_tokens, args.threads, positions=args.positions)
         result = run_bench(config)
         if args.mtmd:
             result = _with_mtmd(result, args.hf_model, args.out)

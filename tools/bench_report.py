@@ -57,7 +57,8 @@ def result_markdown(result: BenchResult) -> str:
                  if result.family == "llava-next" else "")
     lines = [f"{result.llm.note()}; probe: {result.llm.probe}.",
              f"Medians over {c.images} images × {c.repeats} repeats (ms; projector = all-N projection + the K rows; "
-             f"TTFT = image in → first token out; decode = {c.decode_tokens} greedy tokens).{next_note} "
+             f"TTFT = image in → first token out; decode = {c.decode_tokens} greedy tokens; image rows at "
+             f"{c.positions} positions).{next_note} "
              f"Peak RSS: the process's most resident memory while pruning and running the LLM (a context sized "
              f"for the run); the whole run's: {result.peak_rss_mb:.0f} MB.", "",
              markdown_table(header, cells, "lrrr" + "r" * (len(header) - 4))]

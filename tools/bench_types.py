@@ -9,6 +9,7 @@ from typing import Any
 
 from runtime.errors import InputError
 from runtime.probe import DEFAULT_QUESTION
+from runtime.prompt_cache import check_positions
 from runtime.strategies.registry import get_strategy
 
 STAGES = ("preprocess", "encode", "prune", "projector", "text_tower", "probe", "prefill", "first_token")
@@ -28,6 +29,7 @@ class BenchConfig:
     decode_tokens: int = 16
     threads: int | None = None
     question: str = DEFAULT_QUESTION
+    positions: str = "packed"  # method.md §6: "packed" or "original" (the image rows at their true positions)
 
     def __post_init__(self) -> None:
         if self.images < 1 or self.repeats < 1 or self.decode_tokens < 1:
@@ -35,6 +37,7 @@ class BenchConfig:
                              f"{self.repeats}, {self.decode_tokens}")
         for name in self.strategies:
             get_strategy(name)  # unknown names: one line listing the valid ones
+        check_positions(self.positions)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class StageRow:
     stages_ms: Mapping[str, float]  # every name in STAGES (0.0 where the stage does not run)
     ttft_ms: float  # the sum of stages_ms
     decode_tokens_per_s: float
-    prefill_positions: int  # prompt tokens + rows fed
+    prefill_positions: int  # positions the prompt spans: prompt tokens + rows fed (+ the gaps, "original")
     runs: int  # images × repeats behind each median
     newline_rows: int = 0  # LLaVA-NeXT's image_newline rows fed besides the K tokens (median)
     peak_rss_mb: float = 0.0  # the most resident memory while pruning and running the LLM (max over runs)

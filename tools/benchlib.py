@@ -134,6 +134,8 @@ class PrunedRows:
     tokens: int  # image tokens among them (K; all of them for a strategy that keeps all)
     newline_rows: int  # R - tokens (LLaVA-NeXT's image_newline rows; 0 for LLaVA-1.5)
     stages_ms: Mapping[str, float]  # prune, projector, text_tower, probe
+    positions: np.ndarray | None = None  # [R] int64 offsets from the image start (positions "original")
+    span: int | None = None  # positions the image takes; None with positions None (packed)
 
 
 class FlatVision:
@@ -159,12 +161,15 @@ class FlatVision:
     def refusal(self, strategy: str) -> str | None:
         return refusal(get_strategy(strategy), self.manifest)
 
-    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None) -> PrunedRows:
+    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None,
+              positions: str = "packed") -> PrunedRows:
+        """``positions``: method.md §6 ``packed`` or ``original`` (rows in patch order at their indices)."""
         pruned = self.pipeline.prune_encoded(encoded, k, strategy, probe, question)
         t = pruned.timings_ms
         stages = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"],
                   "text_tower": t.get("text_tower", 0.0) + t.get("clip_image", 0.0), "probe": t.get("probe", 0.0)}
-        return PrunedRows(pruned.embeddings, pruned.tokens, 0, stages)
+        placed = pruned.image_rows(None, positions)
+        return PrunedRows(placed.rows, pruned.tokens, 0, stages, placed.positions, placed.span)
 
 
 class TiledVision:
@@ -195,12 +200,15 @@ class TiledVision:
     def refusal(self, strategy: str) -> str | None:
         return refusal(get_strategy(strategy), self.manifest)
 
-    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None) -> PrunedRows:
+    def prune(self, encoded: Any, k: int, strategy: str, probe: Any = None, question: str | None = None,
+              positions: str = "packed") -> PrunedRows:
+        """``positions``: method.md §6 ``packed`` or ``original`` (each row at its place in the full pack)."""
         pruned = self.pipeline.prune_encoded(encoded, k, strategy, question=question, probe=probe)
         newlines, t = int(pruned.order.is_newline.sum()), pruned.timings_ms
         stages = {"prune": t["prune"], "projector": t.get("project_all", 0.0) + t["project"], "text_tower": 0.0,
                   "probe": t.get("probe", 0.0)}
-        return PrunedRows(pruned.embeddings, pruned.tokens, newlines, stages)
+        placed = pruned.image_rows(None, positions)
+        return PrunedRows(placed.rows, pruned.tokens, newlines, stages, placed.positions, placed.span)
 
 
 def open_vision(bundle: str | Path, threads: int | None = None) -> FlatVision | TiledVision:
