@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from runtime.anyres_pack import NEWLINE_SOURCE, PackedOrder, packed_layout
 from tools.entropy_plots import BORDER, DIM, group_colors
@@ -85,3 +86,50 @@ def test_a_15_bundle_is_refused_in_one_line(tiny_bundle: Path, photos, tmp_path:
     photos["chelsea"].save(photo)
     assert main([str(photo), "--model", str(tiny_bundle), "--out", str(tmp_path / "x.png")]) == 2
     assert "not LLaVA-NeXT" in capsys.readouterr().err
+
+
+def _kept_sets(result) -> list[list[int]]:
+    """Each tile's kept patches, sorted, from the rows a pipeline feeds."""
+    order = result.order
+    return [sorted(order.source_patch[(order.source_tile == t) & ~order.is_newline].tolist())
+            for t in range(len(result.tiles))]
+
+
+def test_tiles_overlay_draws_a_question_aware_strategy(tiny_next_bundle: Path, photos, tmp_path: Path) -> None:
+    """cdpruner prunes for --question: the drawn sets are the pipeline's for that question."""
+    from PIL import Image
+
+    from runtime.anyres_pipeline import AnyresPipeline
+    from tools.tiles_overlay import tiles_overlay
+
+    photo = tmp_path / "chelsea.png"
+    photos["chelsea"].save(photo)
+    pipeline, drawn = AnyresPipeline(tiny_next_bundle), {}
+    for question in ("What colour is the cat?", "Is there a window?"):
+        drawn[question] = tiles_overlay(tiny_next_bundle, photo, "cdpruner", 120, tmp_path / "q.png",
+                                        question=question)
+        expected = pipeline.prune(Image.open(photo), 120, "cdpruner", question=question)
+        assert [k.tolist() for k in drawn[question].kept] == _kept_sets(expected)
+    first, second = drawn.values()
+    assert any(a.tolist() != b.tolist() for a, b in zip(first.kept, second.kept, strict=True))  # the question counts
+
+
+@pytest.mark.llm
+def test_tiles_overlay_runs_the_probe_once_over_all_rows(tiny_next_llm_bundle: Path, tiny_next_bundle: Path,
+                                                         photos, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+    from tools.tiles_overlay import main, tiles_overlay
+
+    photo = tmp_path / "chelsea.png"
+    photos["chelsea"].save(photo)
+    drawn = tiles_overlay(tiny_next_llm_bundle, photo, "fastv", 120, tmp_path / "f.png")
+    pipeline = AnyresPipeline(tiny_next_llm_bundle)
+    probe = probe_from_manifest(pipeline.manifest, DEFAULT_QUESTION, n_ctx=pipeline.probe_context())
+    assert [k.tolist() for k in drawn.kept] == _kept_sets(pipeline.prune(Image.open(photo), 120, "fastv", probe=probe))
+    out = tmp_path / "none.png"  # the bundle without a language model refuses fastv in one line, before encoding
+    assert main([str(photo), "--model", str(tiny_next_bundle), "--strategy", "fastv", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "export.llm" in err and len(err.splitlines()) == 1 and not out.exists()

@@ -1,14 +1,17 @@
 """Kept tokens of a LLaVA-NeXT bundle drawn on a photo's tiles: the base view and the grid.
 
 ``python tools/tiles_overlay.py IMAGE --model BUNDLE [--strategy entropy] [--tokens 320]
-[--tile-budget equal] [--caption TEXT] [--out tiles_overlay.png]``
+[--tile-budget equal] [--question TEXT] [--caption TEXT] [--out tiles_overlay.png]``
 
 The image is cut into tiles as the model sees them (``runtime.anyres_pipeline``), pruned at K
 split across tiles, and drawn in two panels: the 336×336 base view and the grid of 336×336 tiles
 side by side at one scale in their places (``tools/entropy_plots.kept_overlay`` per tile: dropped patches
 dimmed, kept ones framed). Grid patches that unpadding removes (the padding around an image of
 another aspect) are never candidates and are painted flat ``PADDING``. ``image_newline`` rows are
-fed to the model but have no place on the image, so they are not drawn. On a bundle of random
+fed to the model but have no place on the image, so they are not drawn. Every strategy the bundle
+can run draws: ``cdpruner`` and ``dart`` prune for ``--question``; the probe strategies (``fastv``,
+``entropyprune``, ``dart``) run the bundle's probe once over all packed rows with that question
+(default: ``runtime.probe.DEFAULT_QUESTION``), as ``runtime.prune`` does. On a bundle of random
 weights the picks are random-weight picks; the caption (``--caption``) should say so.
 """
 
@@ -25,6 +28,8 @@ from runtime.anyres_pack import PackedLayout
 from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.preprocess import load_image
+from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+from runtime.strategies.registry import get_strategy
 from tools.entropy_plots import DPI, add_figure_args, bundle_caption, display_image, kept_overlay, save_png
 
 PADDING = (0.92, 0.92, 0.92)  # RGB of a grid patch removed by unpadding (light grey)
@@ -84,11 +89,17 @@ def tiles_figure(panels: list[np.ndarray], titles: list[str], caption: str) -> F
 
 
 def tiles_overlay(bundle: Path, image: Path, strategy: str, tokens: int, out: Path, tile_budget: str = "equal",
-                  caption: str | None = None) -> TilesOverlay:
-    """Prune ``image`` with ``strategy`` at ``tokens``, write the two-panel figure to ``out``."""
+                  caption: str | None = None, question: str | None = None) -> TilesOverlay:
+    """Prune ``image`` with ``strategy`` at ``tokens`` (for ``question``, see the module doc), write
+    the two-panel figure to ``out``."""
     pipeline = AnyresPipeline(bundle)
+    chosen = get_strategy(strategy)
+    pipeline.base.check_strategy(chosen)  # before the encode: a bundle without the probe or text tower refuses
     encoded = pipeline.encode(load_image(image))
-    pruned = pipeline.prune_encoded(encoded, tokens, strategy, tile_budget)
+    probe = None
+    if chosen.needs_probe:
+        probe = probe_from_manifest(pipeline.manifest, question or DEFAULT_QUESTION, n_ctx=pipeline.probe_context())
+    pruned = pipeline.prune_encoded(encoded, tokens, strategy, tile_budget, question=question, probe=probe)
     pixels, layout = encoded.pixels, pipeline.layout(encoded.pixels)
     pre = pipeline.base.preprocess_config
     rgb = np.stack([display_image(p, pre.image_mean, pre.image_std) for p in pixels.pixel_values])
@@ -110,16 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="tools/tiles_overlay.py", description=__doc__.splitlines()[0])
     parser.add_argument("image", type=Path, help="photo to prune")
     parser.add_argument("--model", type=Path, required=True, help="a LLaVA-NeXT bundle directory")
-    parser.add_argument("--strategy", default="entropy", help="a vision strategy (default: entropy)")
+    parser.add_argument("--strategy", default="entropy", help="a strategy the bundle can run (default: entropy)")
     parser.add_argument("--tokens", type=int, default=320, help="image tokens to keep over all tiles, K (default: 320)")
     parser.add_argument("--tile-budget", default="equal", help="K split across tiles: equal or perplexity "
                         "(default: equal)")
+    parser.add_argument("--question", default=None, help="the question cdpruner and dart prune for (and the "
+                        "probe strategies' prompt)")
     add_figure_args(parser, "tiles_overlay.png")
     args = parser.parse_args(argv)
 
     def body() -> int:
         drawn = tiles_overlay(args.model, args.image, args.strategy, args.tokens, args.out, args.tile_budget,
-                              args.caption)
+                              args.caption, args.question)
         log(f"wrote {drawn.path}; kept per tile {[int(k.shape[0]) for k in drawn.kept]}, {drawn.rows_fed} rows fed")
         return 0
 
