@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.anyres_pipeline import NEWLINE_MODES, AnyresPipeline, PrunedAnyres
-from runtime.errors import InputError, SettingError
+from runtime.errors import BundleError, InputError, SettingError
 from runtime.llm import LlamaBackend
 from runtime.llm_bundle import open_language_model
 from runtime.manifest import load_manifest
@@ -31,6 +31,7 @@ from runtime.pipeline import Pipeline, PrunedImage
 from runtime.preprocess import load_image
 from runtime.probe import LlamaProbe, open_probe
 from runtime.prompt_cache import PromptPiece, check_positions
+from runtime.strategies.capabilities import refusal
 from runtime.strategies.registry import get_strategy
 from runtime.template import (
     ChatTemplate,
@@ -156,6 +157,9 @@ class Assistant:
         ``n_ctx`` (default 2048), ``kv_type`` and ``load`` size the language model's memory
         (see :class:`runtime.llm.LlamaBackend`)."""
         manifest = load_manifest(bundle)
+        reason = refusal(get_strategy(settings.strategy), manifest)
+        if reason:  # one line before any session or the language model loads
+            raise BundleError(reason)
         tiles = AnyresPipeline(manifest, provider, threads, int8) if manifest.anyres is not None else None
         pipeline = tiles.base if tiles is not None else Pipeline(manifest, provider, threads, int8)
         data, root = manifest.data, manifest.root
@@ -215,6 +219,7 @@ class Assistant:
             self._options[self.settings.strategy] = self.settings.options
             changes = {**changes, "options": self._options.get(changes["strategy"], {})}
         settings = replace(self.settings, **changes)
+        self.pipeline.check_strategy(get_strategy(settings.strategy))  # what the bundle cannot run: one line
         if not get_strategy(settings.strategy).keeps_all and self.tiles is None:  # tiles: checked per image
             self.pipeline.check_budget(settings.tokens)
         self.pipeline.options_for(settings.strategy, settings.options)

@@ -52,11 +52,15 @@ class PrunedImage:
     def image_rows(self, key: Hashable, positions: str = "packed") -> ImageRows:
         """The rows as the language model is fed them (method.md §6). ``packed``: consecutive.
         ``original``: each row at its kept patch's index (a merged row: the kept patch's), the
-        text after the image at N; rows in ascending patch order (they already are for every
-        registered strategy). Strategy ``none`` gives the same positions either way."""
+        text after the image at N; rows in ascending patch order (visionzip's are not: dominant
+        tokens, then contextual ones). Reordered rows get the key ``(key, "patch order")``: row i
+        is then another row than packed row i, so a KV cache never reuses one for the other.
+        Strategy ``none`` gives the same positions either way."""
         if check_positions(positions) == "packed":
             return ImageRows(key, self.embeddings)
         order = np.argsort(self.kept, kind="stable")
+        if not np.array_equal(order, np.arange(order.shape[0])):
+            key = (key, "patch order")
         return ImageRows(key, self.embeddings[order], self.kept[order], self.num_patches)
 
 

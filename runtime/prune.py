@@ -81,8 +81,9 @@ def method_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def positions_json(rows: ImageRows, mode: str) -> dict[str, Any]:
     """``positions`` (the mode) and, for ``original``, the positions fed: each row's offset from the
-    image's first position (``row_positions``) and the positions the image spans (``positions_span``:
-    the text after it starts there)."""
+    image's first position (``row_positions``, in the order the rows are fed: ascending, so for
+    LLaVA-1.5 the sorted ``kept``, which only visionzip lists in another order) and the positions the
+    image spans (``positions_span``: the text after it starts there)."""
     if mode == "packed":
         return {"positions": mode}
     return {"positions": mode, "row_positions": [int(p) for p in rows.offsets], "positions_span": rows.width}

@@ -8,6 +8,7 @@ another width, and libmtmd loading our mmproj next to Hugging Face.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -274,6 +275,9 @@ def test_bench_feeds_original_positions(tiny_llm_bundle: Path) -> None:
         spans[positions] = row.prefill_positions
         assert f"image rows at {positions} positions" in result_markdown(result)
     assert spans["original"] - spans["packed"] == 576 - 32
+    # where the kernel keeps its high-water mark, the table says its peak column is not per run
+    assert ("not per run here" in result_markdown(result)) is not result.rss_per_run
+    assert "not per run here" in result_markdown(dataclasses.replace(result, rss_per_run=False))
 
 
 def test_tiled_bench_rows_carry_the_pack_positions(tiny_next_bundle: Path, photos) -> None:
@@ -387,6 +391,7 @@ def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, ca
     assert "skipped entropyprune: strategy 'entropyprune' needs" in stdout and "LLaVA-NeXT" in stdout  # no export.llm
     data = json.loads((out / "bench.json").read_text())
     assert data["family"] == "llava-next" and data["llm"]["random_rows"] is False and data["peak_rss_mb"] > 0
+    assert isinstance(data["rss_per_run"], bool)
     with (out / "bench.csv").open() as handle:
         csv_rows = {(r["strategy"], int(r["tokens"])): r for r in csv.DictReader(handle)}
     prompt = {row["prefill_positions"] - row["rows_fed"] for row in data["rows"]}

@@ -164,3 +164,28 @@ def test_refused_strategy_is_one_line_before_sessions_load(tiny_bundle: Path, tm
     assert main([str(photo_path), "--model", str(bundle), "--strategy", "visionzip"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'keys' output" in err[0], err
+
+
+@pytest.mark.llm
+def test_chat_refuses_a_strategy_the_bundle_cannot_run(tiny_llm_bundle: Path, tmp_path: Path, photos,
+                                                       capsys) -> None:
+    """runtime.chat (and the server's Assistant) refuse in one line at start, and on a switch."""
+    from runtime.assistant import Assistant, Settings
+    from runtime.chat import main as chat
+    from runtime.errors import BundleError
+
+    bundle = _copy_with(tiny_llm_bundle, tmp_path, lambda d: d.pop("text_tower"))
+    photo = tmp_path / "chelsea.png"
+    photos["chelsea"].save(photo)
+    assert chat(["--model", str(bundle), "--image", str(photo), "--strategy", "cdpruner", "--prompt", "Hi?"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # a "loading" progress line, then the error
+    errors = [line for line in err if "error" in line]
+    assert errors == err[-1:] and "text tower" in err[-1] and "export.clip" in err[-1], err
+    assert not any("Traceback" in line for line in err)
+    assistant = Assistant.open(bundle, Settings(strategy="entropy"), n_ctx=512)
+    try:
+        with pytest.raises(BundleError, match="text tower"):
+            assistant.update(strategy="cdpruner")
+        assert assistant.settings.strategy == "entropy"  # the refused switch changed nothing
+    finally:
+        assistant.close()

@@ -94,6 +94,13 @@ def test_pruned_image_rows() -> None:
     shuffled = _pruned([5, 1, 4]).image_rows("k", "original")  # fed in position order
     np.testing.assert_array_equal(shuffled.offsets, [1, 4, 5])
     np.testing.assert_array_equal(shuffled.rows, _pruned([5, 1, 4]).embeddings[[1, 2, 0]])
+    # reordered rows are other rows: none is reused for a packed row of the same index and position
+    visionzip = _pruned([1, 2, 5, 0, 3])  # dominant tokens ascending, then contextual ones
+    reordered = identities([[1], visionzip.image_rows("k", "original")])
+    assert common_prefix(identities([[1], visionzip.image_rows("k")]), reordered) == 1
+    ascending = _pruned([0, 1, 4])
+    assert common_prefix(identities([[1], ascending.image_rows("k")]),
+                         identities([[1], ascending.image_rows("k", "original")])) == 1 + 2  # up to the first gap
     everything = _pruned(list(range(10)))
     assert identities([[1], everything.image_rows("k", "original")]) == identities([[1], everything.image_rows("k")])
     with pytest.raises(SettingError, match="positions must be one of packed, original, got 'shifted'"):

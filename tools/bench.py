@@ -215,7 +215,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             log(f"  {strategy} K={rows[-1].tokens} ({rows[-1].rows_fed} rows): time to first token "
                 f"{rows[-1].ttft_ms:.1f} ms, peak RSS {rows[-1].peak_rss_mb:.0f} MB")
     memory.stop()
-    return BenchResult(config, llm.info, tuple(rows), skipped, manifest.family, memory.overall)
+    return BenchResult(config, llm.info, tuple(rows), skipped, manifest.family, memory.overall, memory.separable)
 
 
 def build_parser() -> OneLineParser:

@@ -27,7 +27,8 @@ def result_json(result: BenchResult) -> dict[str, Any]:
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result.config).items()}
     llm = dataclasses.asdict(result.llm) | {"random_rows": result.llm.random_rows, "note": result.llm.note()}
     rows = [dataclasses.asdict(r) | {"stages_ms": dict(r.stages_ms), "rows_fed": r.rows_fed} for r in result.rows]
-    return {"config": config, "family": result.family, "peak_rss_mb": result.peak_rss_mb, "llm": llm, "rows": rows,
+    return {"config": config, "family": result.family, "peak_rss_mb": result.peak_rss_mb,
+            "rss_per_run": result.rss_per_run, "llm": llm, "rows": rows,
             "skipped": list(result.skipped),
             "mtmd": dict(result.mtmd) if result.mtmd is not None else None}
 
@@ -55,12 +56,14 @@ def result_markdown(result: BenchResult) -> str:
     next_note = (" LLaVA-NeXT: all tiles encoded as one batch; prune = K split + per-tile pruning (+ cdpruner's "
                  "text tower); projector = kept tokens + image_newline rows packed."
                  if result.family == "llava-next" else "")
+    rss_note = ("" if result.rss_per_run else " — not per run here: this kernel keeps its high-water mark, so "
+                "each row shows the process's peak so far")
     lines = [f"{result.llm.note()}; probe: {result.llm.probe}.",
              f"Medians over {c.images} images × {c.repeats} repeats (ms; projector = all-N projection + the K rows; "
              f"TTFT = image in → first token out; decode = {c.decode_tokens} greedy tokens; image rows at "
              f"{c.positions} positions).{next_note} "
              f"Peak RSS: the process's most resident memory while pruning and running the LLM (a context sized "
-             f"for the run); the whole run's: {result.peak_rss_mb:.0f} MB.", "",
+             f"for the run){rss_note}; the whole run's: {result.peak_rss_mb:.0f} MB.", "",
              markdown_table(header, cells, "lrrr" + "r" * (len(header) - 4))]
     lines += [f"skipped {s}" for s in result.skipped]
     return "\n".join(lines)

@@ -89,4 +89,5 @@ class BenchResult:
     skipped: tuple[str, ...] = ()  # strategies that could not run, with the reason
     family: str = "llava-1.5"  # the bundle's (manifest ``family``)
     peak_rss_mb: float = 0.0  # the whole run's peak resident memory
+    rss_per_run: bool = True  # False: the kernel kept its high-water mark, each run's is the process's so far
     mtmd: Mapping[str, Any] | None = field(default=None)
