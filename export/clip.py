@@ -30,6 +30,7 @@ from runtime.errors import InputError, ModelNotFoundError, UserError
 from runtime.model_registry import bundles_home, default_bundle_dir, known_aliases
 
 DEFAULT_OPSET = 18
+LLAVA_MODEL_TYPES = ("llava", "llava_next")  # the checkpoints export.clip takes (a CLIP or DINOv2 tower alone: not)
 # torch's dynamo exporter writes opset 18 and up (below it, it prints a failed conversion and writes
 # 18 anyway); 23 is the newest the exporter and onnxruntime 1.31 were checked with here.
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -77,7 +78,7 @@ def export_clip(model: str, out: Path | None = None, opset: int = DEFAULT_OPSET,
         log("  note: the checkpoint's config names remote code (auto_map); it is ignored, never run: "
             "only transformers' own CLIP and LLaVA classes are used")
     family = family_for(config.get("model_type")).bundle_family
-    if family is None:
+    if family is None or config.get("model_type") not in LLAVA_MODEL_TYPES:  # a tower alone (CLIP, DINOv2)
         raise ModelNotFoundError(f"{resolved.path} is not a LLaVA checkpoint (config.json model_type "
                                  f"{config.get('model_type')!r}); export.clip exports LLaVA's CLIP tower")
     if family != resolved.spec.family:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.reference_vision import check_outputs, tower_outputs  # noqa: F401  (check_outputs: public here)
+from export.reference_vision import tower_outputs
 from export.vision_family import VisionFamily
 from runtime.errors import UserError
 

@@ -12,12 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.vision_family import VisionFamily, VisionParts, family_of_tower
-
-
-def vision_parts(tower: nn.Module, family: VisionFamily | None = None) -> VisionParts:
-    """Embeddings, pre-norm and blocks of ``tower`` (family: from its ``config.model_type`` when None)."""
-    return (family or family_of_tower(tower)).parts(tower)
+from export.vision_family import VisionFamily, family_of_tower
 
 
 def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 
 from export.clip import main
 from export.load import VisionHalf
-from export.validate import check_outputs, hf_vision_reference, run_onnx, validation_inputs
+from export.reference_vision import check_outputs
+from export.validate import hf_vision_reference, run_onnx, validation_inputs
 from runtime.manifest import EXPORT_ID_KEY, SCHEMA, load_manifest
 from tests.bundle_files import member
 
@@ -143,6 +145,18 @@ def test_unknown_alias_lists_known_ones(capsys) -> None:
 def test_unreadable_path(tmp_path: Path, capsys) -> None:
     assert main(["--model", str(tmp_path / "nothing-here")]) == 2
     assert "cannot read a Hugging Face LLaVA checkpoint" in _error_line(capsys)
+
+
+def test_a_clip_checkpoint_alone_is_not_a_llava(tiny_clip_dir: Path, tiny_llava_dir: Path, tmp_path: Path,
+                                                capsys) -> None:
+    """A CLIPModel's config has a vision_config too, and CLIP is a registered vision family."""
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    shutil.copy(tiny_llava_dir / "processor_config.json", clip)  # real CLIP checkpoints ship a processor config
+    assert main(["--model", str(clip), "--out", str(tmp_path / "b")]) == 2
+    line = _error_line(capsys)
+    assert "is not a LLaVA checkpoint (config.json model_type 'clip')" in line, line
+    assert not (tmp_path / "b").exists()
 
 
 def test_existing_out_needs_force(tmp_path: Path, tiny_llava_dir: Path, capsys) -> None:
