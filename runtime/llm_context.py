@@ -262,7 +262,8 @@ class LlamaContext:
         if got != size or header[1:].tolist() != [SCRATCH, 1, 1, old, 1]:
             raise RuntimeError(f"llama.cpp's one-cell state of position {old} is not laid out as expected "
                                f"(seq id, n_stream, cell_count, pos, n_seq_id = {header[1:].tolist()})")
-        llama_cpp.llama_memory_seq_rm(mem, SEQ, old, old + 1)
+        if not llama_cpp.llama_memory_seq_rm(mem, SEQ, old, old + 1):  # false: this memory cannot drop one cell
+            raise RuntimeError(f"llama.cpp could not free the cell of position {old} to move it to {new_pos}")
         header[CELL_POS] = new_pos
         if llama_cpp.llama_state_seq_set_data(self.handle, state, size, SCRATCH) != size:
             raise RuntimeError(f"llama.cpp could not restore the cell of position {old} at {new_pos}")

@@ -125,7 +125,8 @@ class Pipeline:
         bundle's images become tiles in :class:`runtime.anyres_pipeline.AnyresPipeline`)."""
         if self.manifest.anyres is not None:
             raise InputError(f"bundle {self.manifest.root} is LLaVA-NeXT: its images are cut into tiles, which "
-                             "runtime.prune handles; chat, the server and the benchmarks do not yet")
+                             "runtime.prune, runtime.chat, the server, tools/bench.py and tools/tiles_overlay.py "
+                             "handle; this LLaVA-1.5 path does not")
         if not isinstance(image, Image.Image):
             image = load_image(image)
         return preprocess(image, self.preprocess_config)

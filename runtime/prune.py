@@ -68,8 +68,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", default="packed", choices=POSITION_MODES,
                         help="positions of the kept rows in the language model: consecutive (packed), or the ones "
                              "they had with every row present, the text after the image where the full image ends "
-                             "(original; costs one llama.cpp decode per run of consecutive kept rows) "
-                             "(default: packed)")
+                             "(original; costs one llama.cpp decode per run of consecutive kept rows; runtime.prune "
+                             "reports the positions with --json) (default: packed)")
 
 
 def method_options(args: argparse.Namespace) -> dict[str, Any]:

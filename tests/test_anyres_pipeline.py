@@ -146,6 +146,13 @@ def test_chat_answers_about_a_next_image(tiny_next_llm_bundle: Path, tmp_path_fa
         assert engine.last_stats.kept == 200 and pruned.embeddings.shape[0] == 200  # newline="none": no extra rows
         with pytest.raises(SettingError, match="tile_budget"):
             engine.update(tile_budget="busy")
+        assert "encode" in engine.last_stats.vision_ms and engine.last_stats.image_ms > 0  # the first turn
+        engine.update(strategy="cdpruner", options={}, reprune=True)  # pruned again per question
+        for question in ("Is it a cat?", "Is there a window?"):
+            "".join(engine.respond(question))
+            assert "prune" in engine.last_stats.vision_ms
+        assert engine.notice.startswith("re-pruned")
+        assert "encode" not in engine.last_stats.vision_ms and engine.last_stats.image_ms == 0  # paid once
     finally:
         engine.close()
 

@@ -100,6 +100,7 @@ def test_tiles_overlay_draws_a_question_aware_strategy(tiny_next_bundle: Path, p
     from PIL import Image
 
     from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.errors import SettingError
     from tools.tiles_overlay import tiles_overlay
 
     photo = tmp_path / "chelsea.png"
@@ -111,6 +112,9 @@ def test_tiles_overlay_draws_a_question_aware_strategy(tiny_next_bundle: Path, p
         expected = pipeline.prune(Image.open(photo), 120, "cdpruner", question=question)
         assert [k.tolist() for k in drawn[question].kept] == _kept_sets(expected)
     first, second = drawn.values()
+    with pytest.raises(SettingError, match="question"):  # before the tiles are encoded
+        tiles_overlay(tiny_next_bundle, photo, "cdpruner", 120, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
     assert any(a.tolist() != b.tolist() for a, b in zip(first.kept, second.kept, strict=True))  # the question counts
 
 

@@ -27,9 +27,12 @@ from matplotlib.figure import Figure
 from runtime.anyres_pack import PackedLayout
 from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
 from runtime.cli import OneLineParser, log, run_cli
+from runtime.model_registry import bundle_path
+from runtime.pipeline import require_question
 from runtime.preprocess import load_image
 from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.strategies.registry import get_strategy
+from runtime.tile_budget import MODES
 from tools.entropy_plots import DPI, add_figure_args, bundle_caption, display_image, kept_overlay, save_png
 
 PADDING = (0.92, 0.92, 0.92)  # RGB of a grid patch removed by unpadding (light grey)
@@ -88,13 +91,15 @@ def tiles_figure(panels: list[np.ndarray], titles: list[str], caption: str) -> F
     return fig
 
 
-def tiles_overlay(bundle: Path, image: Path, strategy: str, tokens: int, out: Path, tile_budget: str = "equal",
+def tiles_overlay(bundle: Path | str, image: Path, strategy: str, tokens: int, out: Path, tile_budget: str = "equal",
                   caption: str | None = None, question: str | None = None) -> TilesOverlay:
     """Prune ``image`` with ``strategy`` at ``tokens`` (for ``question``, see the module doc), write
     the two-panel figure to ``out``."""
+    bundle = bundle_path(str(bundle))  # a directory or a registry alias's bundle
     pipeline = AnyresPipeline(bundle)
     chosen = get_strategy(strategy)
     pipeline.base.check_strategy(chosen)  # before the encode: a bundle without the probe or text tower refuses
+    require_question(chosen, question)
     encoded = pipeline.encode(load_image(image))
     probe = None
     if chosen.needs_probe:
@@ -120,11 +125,11 @@ def tiles_overlay(bundle: Path, image: Path, strategy: str, tokens: int, out: Pa
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="tools/tiles_overlay.py", description=__doc__.splitlines()[0])
     parser.add_argument("image", type=Path, help="photo to prune")
-    parser.add_argument("--model", type=Path, required=True, help="a LLaVA-NeXT bundle directory")
+    parser.add_argument("--model", required=True, help="a LLaVA-NeXT bundle: a directory or a registry alias")
     parser.add_argument("--strategy", default="entropy", help="a strategy the bundle can run (default: entropy)")
     parser.add_argument("--tokens", type=int, default=320, help="image tokens to keep over all tiles, K (default: 320)")
-    parser.add_argument("--tile-budget", default="equal", help="K split across tiles: equal or perplexity "
-                        "(default: equal)")
+    parser.add_argument("--tile-budget", default="equal", choices=MODES, help="K split across tiles: equal or "
+                        "perplexity (default: equal)")
     parser.add_argument("--question", default=None, help="the question cdpruner and dart prune for (and the "
                         "probe strategies' prompt)")
     add_figure_args(parser, "tiles_overlay.png")
