@@ -45,7 +45,7 @@ from runtime.scoring import layer_distributions, layer_entropy
 from runtime.selection import choose_layers
 from runtime.strategies.registry import TEXT_TOWER, get_strategy
 from runtime.tile_budget import MODES, split_tile_budget
-from runtime.types import EncoderOutput, PruneInputs, Selection
+from runtime.types import EncoderOutput, EncoderTiles, PruneInputs, Selection
 
 NEWLINE_MODES = ("rows", "none")
 
@@ -66,7 +66,7 @@ class AnyresEncoded:
     """One image's tiles and what the encoder made of them (the input of every strategy)."""
 
     pixels: AnyresPixels
-    tiles: tuple[EncoderOutput, ...]  # T, base view first
+    tiles: EncoderTiles  # T tiles, base view first (``tiles[t]``: one tile's EncoderOutput)
     timings_ms: Mapping[str, float]  # preprocess, encode
 
 
@@ -137,7 +137,7 @@ class AnyresPipeline:
         middle = time.perf_counter()
         encoded = self.base.encoder.encode_batch(pixels.pixel_values)
         timings = {"preprocess": 1000 * (middle - start), "encode": 1000 * (time.perf_counter() - middle)}
-        return AnyresEncoded(pixels, tuple(encoded), timings)
+        return AnyresEncoded(pixels, encoded, timings)
 
     def prune(self, image: Image.Image | str | Path, tokens: int = 320, strategy: str = "entropy",
               tile_budget: str = "equal", newline: str = "rows", question: str | None = None,
@@ -268,7 +268,7 @@ def _tile_report(selection: Selection | None, shared: SharedProbe | None, candid
     return {**selection.report, "probe_rows": shared.rows.num_rows if shared.scope == "image" else candidates}
 
 
-def _deep_entropy(encoded: tuple[EncoderOutput, ...], candidates: list[np.ndarray],
+def _deep_entropy(encoded: EncoderTiles, candidates: list[np.ndarray],
                   rule: Mapping[str, Any]) -> np.ndarray:
     """``H_t(l_d)`` [T]: each tile's [CLS] entropy over its candidates at its own deep layer, the layer
     ``choose_layers(**rule)`` picks."""
