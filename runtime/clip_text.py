@@ -17,7 +17,8 @@ from tokenizers import Tokenizer
 
 from runtime.encoder import FLOAT, check_finite, fits, open_graph, shape_text
 from runtime.errors import BundleError, InputError
-from runtime.manifest import Manifest, TextTowerInfo, bundle_file, text_tower_command
+from runtime.manifest import Manifest, bundle_file, text_tower_command
+from runtime.manifest_entries import TextTowerInfo
 
 INT64 = "tensor(int64)"
 TEXT_INPUTS = ("input_ids", "attention_mask")

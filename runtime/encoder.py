@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.errors import BundleError
-from runtime.manifest import EXPORT_ID_KEY, VisionInfo, check_export_id
+from runtime.manifest import EXPORT_ID_KEY, check_export_id
+from runtime.manifest_entries import VisionInfo
 from runtime.ort_session import open_session
 from runtime.types import EncoderOutput, EncoderTiles
 

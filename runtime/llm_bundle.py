@@ -14,15 +14,8 @@ import numpy as np
 from runtime.errors import BundleError
 from runtime.gguf_header import check_hparams
 from runtime.llm import LlamaBackend, projector_out_dim
-from runtime.manifest import (
-    EXPORT_ID_KEY,
-    MANIFEST,
-    LlmInfo,
-    bundle_file,
-    check_export_id,
-    repair_command,
-    source_model,
-)
+from runtime.manifest import EXPORT_ID_KEY, MANIFEST, bundle_file, check_export_id, repair_command, source_model
+from runtime.manifest_entries import LlmInfo
 
 
 def llm_info(root: Path, manifest: dict[str, Any]) -> LlmInfo:

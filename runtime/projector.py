@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from runtime.encoder import DEFAULT_REPAIR, FLOAT, check_finite, open_graph, shape_text
 from runtime.errors import BundleError
-from runtime.manifest import VisionInfo
+from runtime.manifest_entries import VisionInfo
 
 INPUT = "features"
 
