@@ -36,9 +36,9 @@ from filelock import FileLock, Timeout
 
 from export.diskspace import clean_stale, remove_path
 from runtime.atomic import write_json_atomic
+from runtime.bundle.manifest import EXPORT_ID_KEY, MANIFEST
 from runtime.cli import log
 from runtime.errors import InputError
-from runtime.manifest import EXPORT_ID_KEY, MANIFEST
 
 LOCK = ".export.lock"
 HALVES = ("vision", "text", "llm")

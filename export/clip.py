@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from export.bundle_writer import LOCK, BundleUpdate, bundle_update, read_manifest, stamp_onnx
-from runtime.bundle_check import file_sha256
+from runtime.bundle.check import file_sha256
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import InputError, ModelNotFoundError, UserError
 from runtime.model_registry import bundles_home, default_bundle_dir, known_aliases

@@ -19,10 +19,10 @@ import numpy as np
 from export.bundle_writer import BundleUpdate, bundle_update, read_manifest, stamp_onnx
 from export.clip_source import resolve_clip, vision_fingerprint
 from export.load import ResolvedModel
-from runtime.bundle_check import file_sha256
+from runtime.bundle.check import file_sha256
+from runtime.bundle.manifest import load_manifest
 from runtime.cli import log
 from runtime.errors import BundleError, InputError
-from runtime.manifest import load_manifest
 
 PAD_ID = 0  # method.md §7.3 and the released CDPruner: question segments are right-padded with id 0
 STEPS = 4

@@ -106,7 +106,7 @@ def preprocess_constants(image_size: int) -> dict[str, Any]:
 
 def dinov2_manifest(source: SourceModel, model: nn.Module, feature_layer: int, image_size: int, opset: int,
                     io: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    """The bundle manifest (schema :data:`runtime.manifest.SCHEMA`) of a DINOv2 export."""
+    """The bundle manifest (schema :data:`runtime.bundle.manifest.SCHEMA`) of a DINOv2 export."""
     from export.manifest import vision_entry, vision_manifest
 
     c = model.config

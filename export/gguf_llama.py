@@ -27,8 +27,8 @@ from tqdm import tqdm
 from export.checkpoint import Checkpoint
 from export.gguf_vocab import SpmVocab, read_spm_vocab
 from runtime.atomic import atomic_path
+from runtime.bundle.manifest import EXPORT_ID_KEY
 from runtime.errors import ModelNotFoundError
-from runtime.manifest import EXPORT_ID_KEY
 
 # decoder-prefix / lm_head spellings: transformers >= 4.52 LLaVA, original llava-hf, plain LLaMA
 DECODER_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -197,7 +197,7 @@ def write_llama_gguf(
 ) -> LlamaHParams:
     """Convert the checkpoint's language model into one GGUF at ``out`` (f32 or f16); ``progress``
     shows a tqdm bar over the bytes written (stderr); ``export_id`` is stored under
-    ``runtime.manifest.EXPORT_ID_KEY`` (``llama_model_quantize`` copies it to the quantised file).
+    ``runtime.bundle.manifest.EXPORT_ID_KEY`` (``llama_model_quantize`` copies it to the quantised file).
 
     ``permute=False`` skips the q/k permutation and ``hparams`` replaces the checkpoint's
     (default: :func:`read_hparams`); both exist only for negative-control tests.

@@ -20,9 +20,9 @@ import numpy as np
 
 from export.gguf_llama import unpermute_qk
 from runtime.atomic import atomic_path, write_atomic
+from runtime.bundle.manifest import EXPORT_ID_KEY
 from runtime.errors import BundleError
-from runtime.manifest import EXPORT_ID_KEY
-from runtime.probe import ProbeWeights
+from runtime.llm.probe import ProbeWeights
 
 ARCH = "llama"
 
@@ -53,7 +53,7 @@ def _check_arch(reader: gguf.GGUFReader) -> None:
 
 def write_probe_gguf(src: Path, out: Path, layer: int, export_id: str) -> None:
     """Write blocks ``0..layer-1`` of ``src`` with ``blk.{layer}.attn_norm`` as output_norm, and
-    ``export_id`` under ``runtime.manifest.EXPORT_ID_KEY`` (whatever id ``src`` carries)."""
+    ``export_id`` under ``runtime.bundle.manifest.EXPORT_ID_KEY`` (whatever id ``src`` carries)."""
     _write_cut(src, out, layer, f"blk.{layer}.attn_norm.weight", export_id)
 
 

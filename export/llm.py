@@ -32,13 +32,13 @@ from export.gguf_llama import CheckpointTensors, LlamaHParams, read_hparams, ten
 from export.gguf_probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
 from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
 from runtime.atomic import atomic_path
-from runtime.bundle_check import file_sha256
+from runtime.bundle.check import file_sha256
+from runtime.bundle.manifest import SCHEMA
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import BundleError, InputError
-from runtime.llm import LlamaBackend, projector_out_dim, set_llama_logging
-from runtime.manifest import SCHEMA
+from runtime.llm.backend import LlamaBackend, projector_out_dim, set_llama_logging
+from runtime.llm.probe import FINAL_PROBE as FINAL_PROBE_GGUF
 from runtime.model_registry import default_bundle_dir, is_local_path, known_aliases, load_spec
-from runtime.probe import FINAL_PROBE as FINAL_PROBE_GGUF
 
 PROBE_GGUF, PROBE_WEIGHTS, MANIFEST = "probe.gguf", "probe_weights.npz", "manifest.json"
 DEFAULT_P = 2  # entropyprune_layer for a local checkpoint (the released code's value)

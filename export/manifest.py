@@ -1,4 +1,4 @@
-"""Build the bundle manifest (schema :data:`runtime.manifest.SCHEMA`) from an export."""
+"""Build the bundle manifest (schema :data:`runtime.bundle.manifest.SCHEMA`) from an export."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from export.load import ResolvedModel, image_processor_config
 from export.vision_family import VisionFamily, family_for
-from runtime.manifest import SCHEMA
+from runtime.bundle.manifest import SCHEMA
 
 _ONNX_TYPES = {1: "float32", 7: "int64", 10: "float16", 11: "float64"}
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}

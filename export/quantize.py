@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_cpp
 
 from runtime.errors import BundleError
-from runtime.llm import set_llama_logging
+from runtime.llm.backend import set_llama_logging
 
 QUANTS = {"q4_k_m": 15, "q4_0": 2, "q8_0": 7, "f16": 1, "f32": 0}  # llama_ftype values
 BITS_PER_WEIGHT = {"q4_k_m": 4.9, "q4_0": 4.5, "q8_0": 8.5, "f16": 16.0, "f32": 32.0}  # for the disk estimate

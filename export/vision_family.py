@@ -63,7 +63,7 @@ class VisionFamily:
     has_cls: bool = True  # token 0 is [CLS]; patches follow
     feature_layer: int = -2  # default vision_feature_layer (negative: counted from the end, -1 = block L)
     tiles: bool = False  # LLaVA-NeXT: T anyres tiles per image on the batch axis (manifest "anyres")
-    bundle_family: str | None = None  # the manifest's "family" (runtime.manifest_entries.FAMILIES), None: no entry
+    bundle_family: str | None = None  # the manifest's "family" (runtime.bundle.entries.FAMILIES), None: no entry
 
     def __post_init__(self) -> None:
         if not self.model_types:

@@ -4,7 +4,7 @@
 few encodings are kept by pixel digest); it is pruned once per (strategy, budget, options, and the
 question for the question-reading strategies: the first one asked about the image, or each
 one with ``Settings.reprune``) and the result cached. Each turn evaluates only what the
-KV cache does not already hold (:meth:`runtime.llm_context.LlamaContext.prefill`); earlier answers
+KV cache does not already hold (:meth:`runtime.llm.context.LlamaContext.prefill`); earlier answers
 are fed back as the token ids the model generated.
 """
 
@@ -22,18 +22,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.anyres_pipeline import NEWLINE_MODES, AnyresPipeline, PrunedAnyres
+from runtime.anyres.pipeline import NEWLINE_MODES, AnyresPipeline, PrunedAnyres
+from runtime.anyres.tile_budget import MODES
+from runtime.bundle.manifest import load_manifest
 from runtime.errors import BundleError, InputError, SettingError
-from runtime.llm import LlamaBackend
-from runtime.llm_bundle import open_language_model
-from runtime.manifest import load_manifest
-from runtime.pipeline import Pipeline, PrunedImage
-from runtime.preprocess import load_image
-from runtime.probe import LlamaProbe, open_probe
-from runtime.prompt_cache import PromptPiece, check_positions
-from runtime.strategies.capabilities import refusal
-from runtime.strategies.registry import get_strategy
-from runtime.template import (
+from runtime.llm.backend import LlamaBackend
+from runtime.llm.bundle import open_language_model
+from runtime.llm.probe import LlamaProbe, open_probe
+from runtime.llm.prompt_cache import PromptPiece, check_positions
+from runtime.llm.template import (
     ChatTemplate,
     Conversation,
     PromptTokens,
@@ -42,7 +39,10 @@ from runtime.template import (
     encode_prompt,
     get_template,
 )
-from runtime.tile_budget import MODES
+from runtime.pipeline import Pipeline, PrunedImage
+from runtime.preprocess import load_image
+from runtime.strategies.capabilities import refusal
+from runtime.strategies.registry import get_strategy
 from runtime.types import EncoderOutput
 
 STOP = ("</s>",)
@@ -63,7 +63,7 @@ class Settings:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # extra stop strings (never emitted), besides "</s>"
     reprune: bool = False  # question-dependent strategies: prune again for every question (else the first)
-    tile_budget: str = "equal"  # LLaVA-NeXT: how K is split across tiles (runtime.tile_budget.MODES)
+    tile_budget: str = "equal"  # LLaVA-NeXT: how K is split across tiles (runtime.anyres.tile_budget.MODES)
     newline: str = "rows"  # LLaVA-NeXT: image_newline rows after packed rows that kept a token, or "none"
     positions: str = "packed"  # kept rows at consecutive positions, or "original" ones (method.md §6)
 
@@ -155,7 +155,7 @@ class Assistant:
         """Vision sessions and the GGUF of a bundle; the probe opens on first use.
 
         ``n_ctx`` (default 2048), ``kv_type`` and ``load`` size the language model's memory
-        (see :class:`runtime.llm.LlamaBackend`)."""
+        (see :class:`runtime.llm.backend.LlamaBackend`)."""
         manifest = load_manifest(bundle)
         reason = refusal(get_strategy(settings.strategy), manifest)
         if reason:  # one line before any session or the language model loads

@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 
 from runtime.cli import OneLineParser, cli_flag, log, positive_int, run_cli
 from runtime.errors import SettingError, UserError
-from runtime.llm import DEFAULT_N_CTX, KV_TYPES, set_llama_logging
+from runtime.llm.backend import DEFAULT_N_CTX, KV_TYPES, set_llama_logging
 from runtime.model_registry import bundle_path
 from runtime.prune import add_pipeline_arguments, method_options
 

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from runtime.bundle.entries import TextTowerInfo
+from runtime.bundle.manifest import Manifest, bundle_file, text_tower_command
 from runtime.encoder import FLOAT, check_finite, fits, open_graph, shape_text
 from runtime.errors import BundleError, InputError
-from runtime.manifest import Manifest, bundle_file, text_tower_command
-from runtime.manifest_entries import TextTowerInfo
 
 INT64 = "tensor(int64)"
 TEXT_INPUTS = ("input_ids", "attention_mask")

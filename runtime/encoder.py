@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.bundle.entries import VisionInfo
+from runtime.bundle.manifest import EXPORT_ID_KEY, check_export_id
 from runtime.errors import BundleError
-from runtime.manifest import EXPORT_ID_KEY, check_export_id
-from runtime.manifest_entries import VisionInfo
 from runtime.ort_session import open_session
 from runtime.types import EncoderOutput, EncoderTiles
 

@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from runtime.bundle.manifest import Manifest, load_manifest, repair_command
 from runtime.clip_text import ClipSpace, open_clip_space
 from runtime.encoder import Encoder
 from runtime.errors import BundleError, InputError, SettingError
-from runtime.manifest import Manifest, load_manifest, repair_command
+from runtime.llm.prompt_cache import ImageRows, check_positions
 from runtime.preprocess import PreprocessConfig, load_image, preprocess
 from runtime.projector import Projector
-from runtime.prompt_cache import ImageRows, check_positions
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.capabilities import refusal
 from runtime.strategies.registry import TEXT_TOWER, Strategy, get_strategy
@@ -122,7 +122,7 @@ class Pipeline:
 
     def pixel_values(self, image: Image.Image | str | Path) -> np.ndarray:
         """``[3, S, S]`` float32 for an image or a path to one (LLaVA-1.5's single view; a LLaVA-NeXT
-        bundle's images become tiles in :class:`runtime.anyres_pipeline.AnyresPipeline`)."""
+        bundle's images become tiles in :class:`runtime.anyres.pipeline.AnyresPipeline`)."""
         if self.manifest.anyres is not None:
             raise InputError(f"bundle {self.manifest.root} is LLaVA-NeXT: its images are cut into tiles, which "
                              "runtime.prune, runtime.chat, the server, tools/bench.py and tools/tiles_overlay.py "

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from runtime.bundle.entries import VisionInfo
 from runtime.encoder import DEFAULT_REPAIR, FLOAT, check_finite, open_graph, shape_text
 from runtime.errors import BundleError
-from runtime.manifest_entries import VisionInfo
 
 INPUT = "features"
 

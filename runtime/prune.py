@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
+from runtime.anyres.pipeline import AnyresPipeline, PrunedAnyres
 from runtime.atomic import write_atomic
+from runtime.bundle.manifest import Manifest, load_manifest
 from runtime.cli import OneLineParser, layer_pair, layer_range, run_cli
 from runtime.errors import BundleError, InputError
-from runtime.manifest import Manifest, load_manifest
+from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
+from runtime.llm.prompt_cache import POSITION_MODES, ImageRows
 from runtime.model_registry import bundle_path
 from runtime.ort_session import available_providers
 from runtime.pipeline import Pipeline, PrunedImage, require_question
 from runtime.preprocess import load_image
-from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
-from runtime.prompt_cache import POSITION_MODES, ImageRows
 from runtime.strategies.capabilities import format_table, refusal, strategy_table
 from runtime.strategies.registry import available, get_strategy
 
@@ -147,7 +147,7 @@ def prune_anyres(manifest: Manifest, image: Any, args: argparse.Namespace) -> in
     """``runtime.prune`` on a LLaVA-NeXT bundle (prints the summary or ``--json``; ``--save``)."""
     pipeline = AnyresPipeline(manifest, args.provider, args.threads, args.int8)
     probe = None
-    if get_strategy(args.strategy).needs_probe:  # one probe of all the image's packed rows (runtime.anyres_probe)
+    if get_strategy(args.strategy).needs_probe:  # one probe of all the image's packed rows (runtime.anyres.probe)
         probe = probe_from_manifest(manifest, args.question or DEFAULT_QUESTION, n_threads=args.threads,
                                     n_ctx=pipeline.probe_context())
     result = pipeline.prune(image, args.tokens, args.strategy, args.tile_budget, args.newline, args.question, probe,
@@ -169,7 +169,7 @@ def prune_anyres(manifest: Manifest, image: Any, args: argparse.Namespace) -> in
 
 def check(bundle: Path) -> int:
     """``--check``: hash every file of ``bundle``; print the table; one line and exit 2 if any differs."""
-    from runtime.bundle_check import check_bundle, check_table, require_intact
+    from runtime.bundle.check import check_bundle, check_table, require_intact
 
     manifest = load_manifest(bundle)
     checks = check_bundle(manifest)

@@ -92,7 +92,7 @@ class ProbeOutput:
     layer: int | None = None  # P-1: the 0-based decoder layer whose W_q/W_k are given, if known
     final_hidden: np.ndarray | None = None  # [T, d_model] float32: norm(h_P), final norm; when asked (DART)
     # [n] int64: positions of the rows a strategy chooses among, in its patch order, all inside the image
-    # block (LLaVA-NeXT: one tile's candidates in the probe of every packed row, runtime.anyres_probe);
+    # block (LLaVA-NeXT: one tile's candidates in the probe of every packed row, runtime.anyres.probe);
     # None: the whole block image_start..+num_image
     candidates: np.ndarray | None = None
 

@@ -3,7 +3,7 @@
 ``offsets``/``span``: the image rows' positions (method.md §6, ``positions="original"``): row i
 sits at ``len(prefix) + offsets[i]`` and the suffix starts at ``len(prefix) + span``; None:
 consecutive (packed). The Hugging Face side builds its ``position_ids`` here, independently of
-:mod:`runtime.prompt_cache`.
+:mod:`runtime.llm.prompt_cache`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.llm import LlamaBackend
-from runtime.prompt_cache import ImageRows
-from runtime.template import PromptTokens
+from runtime.llm.backend import LlamaBackend
+from runtime.llm.prompt_cache import ImageRows
+from runtime.llm.template import PromptTokens
 
 
 def hf_position_ids(prompt: PromptTokens, rows: int, offsets: np.ndarray | None, span: int | None) -> torch.Tensor:
@@ -56,9 +56,9 @@ def next_parity_setup(bundle: Path, next_dir: Path) -> Iterator[dict]:
     ``LlavaNextForConditionalGeneration`` in float32 and a one-question prompt, as a dict."""
     from transformers import LlavaNextForConditionalGeneration
 
-    from runtime.anyres_pipeline import AnyresPipeline
-    from runtime.llm_bundle import open_language_model
-    from runtime.template import Conversation, conversation_segments, encode_prompt
+    from runtime.anyres.pipeline import AnyresPipeline
+    from runtime.llm.bundle import open_language_model
+    from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 
     pipeline = AnyresPipeline(bundle)
     llm = open_language_model(bundle, pipeline.manifest.data, kv_type="f32", flash_attn="off", n_ctx=4096)

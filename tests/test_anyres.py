@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runtime import anyres
-from runtime.anyres import (
+from runtime.anyres import geometry as anyres
+from runtime.anyres.geometry import (
     Unpad,
     anyres_grid_shape,
     anyres_layout,

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime import anyres_pack
-from runtime.anyres import Unpad, anyres_layout
-from runtime.anyres_pack import (
+from runtime.anyres import pack as anyres_pack
+from runtime.anyres.geometry import Unpad, anyres_layout
+from runtime.anyres.pack import (
     gather_rows,
     image_positions,
     pack_all,

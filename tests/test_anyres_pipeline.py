@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-import runtime.anyres_pack as anyres_pack
+import runtime.anyres.pack as anyres_pack
 from export.reference import reference_prune
-from runtime.anyres_pipeline import AnyresPipeline
+from runtime.anyres.pipeline import AnyresPipeline
 from runtime.errors import BundleError, InputError, SettingError
 from runtime.prune import main
 

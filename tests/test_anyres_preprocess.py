@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from runtime.anyres import anyres_grid_shape, patch_output_size
-from runtime.anyres_preprocess import (
+from runtime.anyres.geometry import anyres_grid_shape, patch_output_size
+from runtime.anyres.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     LLAVA_NEXT_PINPOINTS,

@@ -1,5 +1,5 @@
 """LLaVA-NeXT probe strategies (fastv, entropyprune, dart) per tile through one probe of every packed
-row (runtime.anyres_probe), and per-tile pruning against the padding-aware PyTorch reference
+row (runtime.anyres.probe), and per-tile pruning against the padding-aware PyTorch reference
 (export.reference_anyres) on several image sizes."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from PIL import Image
 
 from export.reference import EntropyOptions, vision_outputs
 from export.reference_anyres import deep_entropies, equal_budgets, packed_ids, perplexity_budgets, reference_anyres
-from runtime.anyres_pack import pack_all, packed_layout
-from runtime.anyres_pipeline import AnyresPipeline
-from runtime.anyres_probe import SharedProbe, probe_context, probe_rows
+from runtime.anyres.pack import pack_all, packed_layout
+from runtime.anyres.pipeline import AnyresPipeline
+from runtime.anyres.probe import SharedProbe, probe_context, probe_rows
 from runtime.errors import BundleError
-from runtime.probe_scores import fastv_scores
+from runtime.llm.probe_scores import fastv_scores
 from runtime.types import ProbeOutput
 from tests.strategy_fakes import make_probe
 
@@ -234,8 +234,8 @@ def test_prune_cli_runs_probe_strategies_on_next(next_llm_bundle: Path, photos, 
 @pytest.mark.llm
 def test_llama_probe_picks_the_reference_rows(next_llm_bundle: Path, tiny_next_model, encoded) -> None:
     """On device (f32 probe of every packed row) each tile keeps the reference's fastv / entropyprune rows."""
-    from runtime.probe import open_probe
-    from runtime.template import Conversation, conversation_segments, encode_prompt
+    from runtime.llm.probe import open_probe
+    from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 
     pipeline = AnyresPipeline(next_llm_bundle)
     enc = encoded["tall 500x200"]

@@ -282,7 +282,7 @@ def test_bench_feeds_original_positions(tiny_llm_bundle: Path) -> None:
 
 def test_tiled_bench_rows_carry_the_pack_positions(tiny_next_bundle: Path, photos) -> None:
     """LLaVA-NeXT: ``original`` gives each fed row (newlines included) its place in the full pack."""
-    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.anyres.pipeline import AnyresPipeline
     from tools.benchlib import TiledVision
 
     vision = TiledVision(AnyresPipeline(tiny_next_bundle))
@@ -372,7 +372,7 @@ def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, ca
     """Every K of the NeXT defaults plus all rows; rows fed = what AnyresPipeline feeds (newlines included)."""
     from PIL import Image
 
-    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.anyres.pipeline import AnyresPipeline
     from tools.bench import main
     from tools.benchlib import sample_images
 
@@ -420,8 +420,8 @@ def test_bench_runs_a_probe_strategy_on_a_llava_next_bundle(tiny_next_llm_bundle
     fed are what AnyresPipeline feeds with that probe."""
     from PIL import Image
 
-    from runtime.anyres_pipeline import AnyresPipeline
-    from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+    from runtime.anyres.pipeline import AnyresPipeline
+    from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
     from tools.bench import BenchConfig, run_bench
     from tools.benchlib import sample_images
 

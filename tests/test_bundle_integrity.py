@@ -29,7 +29,7 @@ def _edit(bundle: Path, change) -> None:
                                               ("sub/../../y.onnx", "leads outside the bundle")])
 def test_manifest_paths_outside_the_bundle_are_refused(tiny_bundle: Path, tmp_path: Path, name: str,
                                                        words: str) -> None:
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
 
     bundle = _copy(tiny_bundle, tmp_path)
     (tmp_path / "x.onnx").write_bytes(member(bundle, "vision").read_bytes())  # exists: must not matter
@@ -39,7 +39,7 @@ def test_manifest_paths_outside_the_bundle_are_refused(tiny_bundle: Path, tmp_pa
 
 
 def test_a_file_of_another_export_is_refused_with_the_repair_command(tiny_bundle: Path, tmp_path: Path) -> None:
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
 
     bundle = _copy(tiny_bundle, tmp_path)
     load_manifest(bundle)  # as exported: fine
@@ -54,7 +54,7 @@ def test_a_file_of_another_export_is_refused_with_the_repair_command(tiny_bundle
 
 @pytest.mark.llm
 def test_llm_gguf_outside_or_of_another_size_is_refused(tiny_llm_bundle: Path, tmp_path: Path) -> None:
-    from runtime.llm_bundle import open_language_model
+    from runtime.llm.bundle import open_language_model
 
     bundle = _copy(tiny_llm_bundle, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -81,7 +81,7 @@ def test_llm_gguf_outside_or_of_another_size_is_refused(tiny_llm_bundle: Path, t
     (lambda m: m["preprocess"].update(image_mean=[2, 2, 2]), r"image_mean must lie in \[0, 1\]"),
 ])
 def test_malformed_manifest_fields_are_one_line(tiny_bundle: Path, tmp_path: Path, change, words: str) -> None:
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
 
     bundle = _copy(tiny_bundle, tmp_path)
     _edit(bundle, change)
@@ -91,7 +91,7 @@ def test_malformed_manifest_fields_are_one_line(tiny_bundle: Path, tmp_path: Pat
 
 
 def test_deeply_nested_manifest_is_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
 
     bundle = _copy(tiny_bundle, tmp_path)
     (bundle / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
@@ -125,7 +125,7 @@ def test_remote_code_in_a_checkpoint_is_said_to_be_ignored(tiny_llava_dir: Path,
 
 @pytest.mark.llm
 def test_probe_files_outside_or_of_another_size_are_refused(tiny_llm_bundle: Path, tmp_path: Path) -> None:
-    from runtime.probe import open_probe
+    from runtime.llm.probe import open_probe
 
     bundle = _copy(tiny_llm_bundle, tmp_path)
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -147,9 +147,9 @@ def test_probe_files_outside_or_of_another_size_are_refused(tiny_llm_bundle: Pat
     ({"extra": 1}, r"llm: unknown fields \['extra'\]"),
 ])
 def test_the_language_model_entry_is_typed(tiny_llm_bundle: Path, change: dict, words: str) -> None:
-    from runtime.llm_bundle import open_language_model
-    from runtime.manifest import load_manifest
-    from runtime.probe import open_probe
+    from runtime.bundle.manifest import load_manifest
+    from runtime.llm.bundle import open_language_model
+    from runtime.llm.probe import open_probe
 
     manifest = json.loads((tiny_llm_bundle / "manifest.json").read_text())
     edited = dict(manifest, llm={**manifest["llm"], **change})

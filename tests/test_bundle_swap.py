@@ -14,8 +14,8 @@ from filelock import FileLock
 
 import export.bundle_writer as bundle_writer
 from export.bundle_writer import LOCK
+from runtime.bundle.manifest import load_manifest
 from runtime.errors import BundleError, InputError
-from runtime.manifest import load_manifest
 from tests.bundle_files import member
 
 
@@ -148,8 +148,8 @@ def test_a_language_model_file_of_another_export_is_refused(role: str, tiny_llm_
                                                              tmp_path: Path) -> None:
     """Same size, same model, another export: only the export id tells them apart."""
     from export.llm import export_llm
-    from runtime.llm_bundle import open_language_model
-    from runtime.probe import open_probe
+    from runtime.llm.bundle import open_language_model
+    from runtime.llm.probe import open_probe
 
     bundle, other = _copy(tiny_llm_bundle, tmp_path, "b"), _copy(tiny_llm_bundle, tmp_path, "other")
     export_llm(str(tiny_llava_dir), quant="f32", out=other, force=True)
@@ -202,7 +202,7 @@ def test_prune_check_hashes_every_file(tiny_llm_bundle: Path, tmp_path: Path,
     from runtime.prune import main
 
     bundle = _copy(tiny_llm_bundle, tmp_path)
-    from runtime.bundle_check import recorded_files
+    from runtime.bundle.check import recorded_files
 
     assert main(["--check", "--model", str(bundle)]) == 0
     out = capsys.readouterr().out

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtime.bundle.manifest import load_manifest
 from runtime.errors import InputError
-from runtime.manifest import load_manifest
 from runtime.prune import main
 from runtime.strategies.capabilities import bundle_provides, refusal, strategy_table
 from runtime.strategies.registry import (

@@ -15,9 +15,9 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from tokenizers.processors import TemplateProcessing
 
+from runtime.bundle.manifest import load_manifest
 from runtime.clip_text import ClipSpace, load_tokenizer, open_clip_space, tokenize_question
 from runtime.errors import BundleError, InputError
-from runtime.manifest import load_manifest
 
 # float32 onnxruntime vs PyTorch on the same ids/features (the export's own bound; measured ~1e-6)
 MAX_ABS = 1e-5
@@ -246,7 +246,7 @@ def test_int8_text_is_close_and_needs_its_file(tiny_bundle: Path, tmp_path: Path
 
 
 def test_prune_check_hashes_the_text_tower(tiny_bundle: Path, tmp_path: Path) -> None:
-    from runtime.bundle_check import check_bundle, recorded_files, require_intact
+    from runtime.bundle.check import check_bundle, recorded_files, require_intact
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)

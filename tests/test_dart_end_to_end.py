@@ -11,10 +11,10 @@ import torch
 
 import runtime.dart as dart_core
 from export.reference_question import dart_select, dart_states
+from runtime.llm.probe import open_probe
+from runtime.llm.probe_scores import probe_keys
+from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 from runtime.pipeline import Pipeline
-from runtime.probe import open_probe
-from runtime.probe_scores import probe_keys
-from runtime.template import Conversation, conversation_segments, encode_prompt
 
 pytestmark = pytest.mark.llm
 
@@ -75,9 +75,9 @@ def test_bundle_without_final_probe_names_the_command(tiny_llm_bundle: Path, tmp
     import json
     import shutil
 
+    from runtime.bundle.manifest import load_manifest
     from runtime.errors import BundleError
-    from runtime.manifest import load_manifest
-    from runtime.probe import probe_from_manifest
+    from runtime.llm.probe import probe_from_manifest
 
     old = tmp_path / "old"
     shutil.copytree(tiny_llm_bundle, old)

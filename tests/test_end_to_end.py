@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from export.reference import entropyprune_scores, fastv_scores
-from runtime.llm import LlamaBackend
+from runtime.llm.backend import LlamaBackend
+from runtime.llm.probe import open_probe
+from runtime.llm.probe_scores import fastv_scores as device_fastv_scores
+from runtime.llm.probe_scores import probe_queries
+from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 from runtime.matrix_entropy import head_entropy_scores
 from runtime.pipeline import Pipeline
-from runtime.probe import open_probe
-from runtime.probe_scores import fastv_scores as device_fastv_scores
-from runtime.probe_scores import probe_queries
 from runtime.selection import top_k
-from runtime.template import Conversation, conversation_segments, encode_prompt
 from tests.llm_parity import device_logits, hf_logits
 
 pytestmark = pytest.mark.llm

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import InputError
+from runtime.llm.probe_scores import probe_queries, rope
 from runtime.matrix_entropy import head_entropy_scores
-from runtime.probe_scores import probe_queries, rope
 from runtime.strategies.entropyprune import entropyprune_budget
 from runtime.strategies.registry import get_strategy
 from runtime.types import PruneInputs

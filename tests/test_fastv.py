@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.errors import InputError
-from runtime.probe_scores import fastv_scores, rope
+from runtime.llm.probe_scores import fastv_scores, rope
 from runtime.strategies.registry import get_strategy
 from runtime.types import ProbeOutput
 from tests.strategy_fakes import THETA, make_inputs, make_probe

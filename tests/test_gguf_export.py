@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from export.bundle_writer import LOCK
 from export.gguf_llama import permute_qk, unpermute_qk
+from runtime.bundle.manifest import EXPORT_ID_KEY, SCHEMA
 from runtime.errors import InputError
-from runtime.manifest import EXPORT_ID_KEY, SCHEMA
 from tests.bundle_files import member
 
 PARITY_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float32 logits; seen ~1e-5
@@ -51,7 +51,7 @@ def _manifest(bundle: Path) -> dict[str, Any]:
 
 
 def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(path, n_ctx=128, **PRECISE) as backend:
         backend.eval_tokens(ids, output_all=True)
@@ -94,7 +94,7 @@ def test_permute_matches_loop_and_inverts(n_head: int, half: int, cols: int) -> 
 # --- the exported bundle -----------------------------------------------------------------
 @pytest.mark.llm
 def test_manifest_entry(exported: Path) -> None:
-    from runtime.bundle_check import file_sha256 as sha256
+    from runtime.bundle.check import file_sha256 as sha256
 
     manifest = _manifest(exported)
     llm = manifest["llm"]
@@ -168,7 +168,7 @@ def test_probe_matches_hf_input_layernorm(exported: Path, tiny_llava_dir: Path, 
     import torch
     from transformers import AutoTokenizer
 
-    from runtime.probe import LlamaProbe
+    from runtime.llm.probe import LlamaProbe
 
     p = _manifest(exported)["llm"]["probe"]["entropyprune_layer"]
     tok = AutoTokenizer.from_pretrained(tiny_llava_dir)
@@ -332,8 +332,8 @@ def test_cli_errors_exit_2_with_one_line(
 @pytest.mark.llm
 def test_bundle_openers_check_the_projector_width(exported: Path) -> None:
     from runtime.errors import BundleError
-    from runtime.llm_bundle import open_language_model
-    from runtime.probe import open_probe
+    from runtime.llm.bundle import open_language_model
+    from runtime.llm.probe import open_probe
 
     manifest = _manifest(exported)
     with open_language_model(exported, manifest, n_ctx=64) as backend:
@@ -362,8 +362,8 @@ def test_llava_prompt_with_injected_rows_matches_hf(
     """Template -> prefix ids + image rows + suffix ids in llama.cpp = HF on the same inputs_embeds."""
     import torch
 
-    from runtime.llm import LlamaBackend
-    from runtime.template import Conversation, conversation_segments, encode_prompt
+    from runtime.llm.backend import LlamaBackend
+    from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 
     rows = (np.random.default_rng(1).standard_normal((64, 64)) * 0.05).astype(np.float32)
     with LlamaBackend(member(exported, "llm"), n_ctx=256, **PRECISE) as backend:
@@ -392,7 +392,7 @@ def test_llava_prompt_with_injected_rows_matches_hf(
 def test_probe_from_manifest(exported: Path) -> None:
     from types import SimpleNamespace
 
-    from runtime.probe import probe_from_manifest
+    from runtime.llm.probe import probe_from_manifest
     from runtime.types import ProbeOutput
 
     data = _manifest(exported)

@@ -11,7 +11,7 @@ import gguf
 import pytest
 
 from runtime.errors import BundleError
-from runtime.gguf_header import check_hparams, read_metadata
+from runtime.llm.gguf_header import check_hparams, read_metadata
 
 GOOD = {"block_count": 2, "embedding_length": 64, "head_count": 4, "head_count_kv": 2, "eps": 1e-5}
 
@@ -69,7 +69,7 @@ def test_llama_cpp_never_sees_a_zero_block_model(tmp_path: Path) -> None:
     """Through the product: LlamaBackend refuses it in a child process that exits normally (the
     negative control is llama.cpp's own loader, which aborts the process on the same file)."""
     path = _write(tmp_path / "zero.gguf", **{**GOOD, "block_count": 0})
-    ours = subprocess.run([sys.executable, "-c", "import sys; from runtime.llm import LlamaBackend\n"
+    ours = subprocess.run([sys.executable, "-c", "import sys; from runtime.llm.backend import LlamaBackend\n"
                            "try:\n    LlamaBackend(sys.argv[1])\nexcept Exception as e:\n    print(e); sys.exit(2)",
                            str(path)], capture_output=True, text=True, timeout=60)
     assert ours.returncode == 2 and "block_count is 0" in ours.stdout

@@ -1,4 +1,5 @@
-"""No import cycles between the project's modules (runtime/, export/, tools/), read with ``ast``.
+"""No import cycles between the project's modules (runtime/, export/, tools/), and the runtime's rooms
+importing downward only, read with ``ast``.
 
 Every ``import`` counts, those inside functions too (a lazy import hides a cycle, it does not
 remove it). ``from P import x`` is an edge to ``P.x`` when that is a module, else to ``P``.
@@ -176,3 +177,63 @@ def test_resolves_relative_and_package_imports(tmp_path: Path) -> None:
     assert graph["runtime.pkg"] == {"runtime.pkg.leaf"}
     assert graph["runtime.pkg.leaf"] == {"runtime.pkg.other"}
     assert cycles(graph) == ["runtime.pkg.leaf -> runtime.pkg.other -> runtime.pkg.leaf"]
+
+
+# The runtime's rooms, lowest first (style: "sub-rooms import downward only"). A module may import
+# its own level or a lower one. Level 0 is the numeric core at the top of runtime/ and the bundle
+# it reads; runtime.pipeline composes the core, the strategies and the llm layer; the front ends
+# (chat, prune, the assistant they share, and the server) compose everything.
+RUNTIME_LEVELS: tuple[tuple[str, ...], ...] = (
+    ("runtime", "runtime.bundle"),
+    ("runtime.llm",),
+    ("runtime.strategies",),
+    ("runtime.pipeline",),
+    ("runtime.anyres",),
+    ("runtime.assistant", "runtime.chat", "runtime.prune", "runtime.serve"),
+)
+
+
+def runtime_level(module: str) -> int:
+    """The level of a runtime module: that of the longest room prefix naming it."""
+    best, level = -1, -1
+    for index, rooms in enumerate(RUNTIME_LEVELS):
+        for room in rooms:
+            if (module == room or module.startswith(room + ".")) and len(room) > best:
+                best, level = len(room), index
+    return level
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Each ``a -> b`` between runtime modules where b sits on a higher level than a."""
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() if a.startswith("runtime")
+                  for b in targets if b.startswith("runtime") and runtime_level(b) > runtime_level(a))
+
+
+def test_runtime_rooms_import_downward_only() -> None:
+    graph = import_graph()
+    assert {"runtime.llm.context", "runtime.anyres.pipeline", "runtime.serve.app"} <= set(graph)
+    found = upward_imports(graph)
+    assert not found, "imports from a lower runtime room into a higher one:\n" + "\n".join(found)
+
+
+def test_every_runtime_room_has_a_level() -> None:
+    """A new sub-room must be placed in RUNTIME_LEVELS, not fall into the core by its prefix."""
+    rooms = {path.parent for path in (ROOT / "runtime").rglob("__init__.py")} - {ROOT / "runtime"}
+    named = {room for rooms in RUNTIME_LEVELS for room in rooms}
+    unplaced = {".".join(room.relative_to(ROOT).parts) for room in rooms} - named
+    assert not unplaced, f"runtime rooms without a level: {sorted(unplaced)}"
+
+
+def test_detects_an_upward_import(tmp_path: Path) -> None:
+    """Negative control: the llama.cpp layer importing LLaVA-NeXT's pipeline is an upward import."""
+    _write(tmp_path, {
+        "runtime/__init__.py": "",
+        "runtime/errors.py": "",
+        "runtime/llm/__init__.py": "",
+        "runtime/llm/context.py": "from runtime.errors import *\nfrom runtime.anyres.pipeline import X\n",
+        "runtime/anyres/__init__.py": "",
+        "runtime/anyres/pipeline.py": "import runtime.llm.context\nX = 1\n",
+        "export/__init__.py": "",
+        "tools/__init__.py": "",
+    })
+    assert upward_imports(import_graph(tmp_path)) == ["runtime.llm.context -> runtime.anyres.pipeline"]

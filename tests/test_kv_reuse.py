@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.prompt_cache import ImageRows, common_prefix
+from runtime.llm.prompt_cache import ImageRows, common_prefix
 from tests.bundle_files import member
 from tests.test_llm_backend import smollm2_gguf  # noqa: F401 - the real SmolLM2-135M GGUF fixture
 
@@ -46,7 +46,7 @@ def _turns(n_embd: int, rng: np.random.Generator) -> dict[str, list]:
 
 
 def _fresh_logits(path: Path, prompt: list) -> np.ndarray:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(path, **EXACT) as fresh:
         fresh.prefill(prompt)
@@ -59,7 +59,7 @@ def gguf(request: pytest.FixtureRequest, tiny_llm_bundle: Path) -> Path:
 
 
 def test_reused_prefill_equals_fresh_prefill(gguf: Path) -> None:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(gguf, **EXACT) as backend:
         turns = _turns(backend.n_embd, np.random.default_rng(0))
@@ -80,10 +80,10 @@ def test_reused_prefill_equals_fresh_prefill(gguf: Path) -> None:
 
 def test_negative_control_one_stale_position_fails(gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keeping one position past the common prefix (a plausible off-by-one) changes the logits."""
-    import runtime.llm_context
-    from runtime.llm import LlamaBackend
+    import runtime.llm.context
+    from runtime.llm.backend import LlamaBackend
 
-    monkeypatch.setattr(runtime.llm_context, "common_prefix", lambda a, b: common_prefix(a, b) + 1)
+    monkeypatch.setattr(runtime.llm.context, "common_prefix", lambda a, b: common_prefix(a, b) + 1)
     with LlamaBackend(gguf, **EXACT) as backend:
         turns = _turns(backend.n_embd, np.random.default_rng(0))
         backend.prefill(turns["turn 1"])
@@ -94,7 +94,7 @@ def test_negative_control_one_stale_position_fails(gguf: Path, monkeypatch: pyte
 
 def test_overflowing_prompt_evaluates_nothing(tiny_llm_bundle: Path) -> None:
     from runtime.errors import ContextOverflowError
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(member(tiny_llm_bundle, "llm"), n_ctx=64) as backend:
         backend.prefill([[1, 300, 301]])

@@ -14,9 +14,9 @@ import torch
 
 from export.clip import main
 from export.llava_next import unpack
+from runtime.bundle.manifest import load_manifest
 from runtime.errors import BundleError
-from runtime.llm_bundle import checked_npz
-from runtime.manifest import load_manifest
+from runtime.llm.bundle import checked_npz
 from runtime.model_registry import ModelSpec, known_aliases, load_spec
 from runtime.preprocess import PreprocessConfig
 from tests.bundle_files import member

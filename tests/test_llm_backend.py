@@ -1,4 +1,4 @@
-"""runtime.llm on llama.cpp: exact embedding injection, tokenization, generation, errors.
+"""runtime.llm.backend on llama.cpp: exact embedding injection, tokenization, generation, errors.
 
 Pure sampling/stop-string helpers are tested first (no marker); the rest is ``llm``.
 """
@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.errors import BundleError, ContextOverflowError, UserError
-from runtime.sampling import StopScanner, sample_token, top_p_keep
+from runtime.llm.sampling import StopScanner, sample_token, top_p_keep
 
 INJECT_ATOL = 1e-5  # same graph on the same float32 rows: only summation order may differ
 SHIFT_MIN_DIFF = 1e-2  # rows shifted by one position must move the logits by far more than that
@@ -154,7 +154,7 @@ def _token_rows(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def _assert_injection_exact(path: Path, text: str, add_bos: bool, n_batch: int) -> None:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(path, n_ctx=256, n_batch=n_batch) as backend:
         ids = backend.tokenize(text, add_bos=add_bos)
@@ -187,7 +187,7 @@ def test_injection_exact_smollm2(smollm2_gguf: Path) -> None:
 def test_memory_options_on_a_real_model(smollm2_gguf: Path) -> None:
     """Reading vs memory-mapping the weights and a q8_0 KV cache: the same greedy next token, and
     logits close (q8_0 rounds K/V; the negative control is a different prompt)."""
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     ids = list(range(300, 340))
     logits = {}
@@ -206,7 +206,7 @@ def test_memory_options_on_a_real_model(smollm2_gguf: Path) -> None:
 
 @pytest.mark.llm
 def test_positions_continue_across_calls(tiny_gguf: Path) -> None:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(tiny_gguf, n_ctx=128) as backend:
         ids = backend.tokenize(PROMPTS[1])
@@ -228,7 +228,7 @@ def test_tokenizer_matches_hf(tiny_gguf: Path, tiny_llava_dir: Path) -> None:
     LLaVA's ``tokenizer_image_token``, which tokenizes the chunks separately."""
     from transformers import AutoTokenizer
 
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     hf = AutoTokenizer.from_pretrained(tiny_llava_dir)
     with LlamaBackend(tiny_gguf, n_ctx=64) as backend:
@@ -243,7 +243,7 @@ def test_tokenizer_matches_hf(tiny_gguf: Path, tiny_llava_dir: Path) -> None:
 
 @pytest.mark.llm
 def test_generate_greedy_stop_and_limits(smollm2_gguf: Path) -> None:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     with LlamaBackend(smollm2_gguf, n_ctx=256) as backend:
         prompt = backend.tokenize("The capital of France is", add_bos=False)
@@ -267,7 +267,7 @@ def test_generate_greedy_stop_and_limits(smollm2_gguf: Path) -> None:
 
 @pytest.mark.llm
 def test_bad_inputs_are_one_line_user_errors(tiny_gguf: Path, tmp_path: Path) -> None:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"not a gguf file")
@@ -292,7 +292,8 @@ def test_bad_inputs_are_one_line_user_errors(tiny_gguf: Path, tmp_path: Path) ->
 def test_runtime_modules_import_without_torch() -> None:
     code = (
         "import sys; sys.modules.update(torch=None, transformers=None, onnx=None)\n"
-        "import runtime.llm, runtime.probe, runtime.llm_bundle, runtime.template, runtime.sampling\n"
+        "import runtime.llm.backend, runtime.llm.probe, runtime.llm.bundle\n"
+        "import runtime.llm.template, runtime.llm.sampling\n"
     )
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)

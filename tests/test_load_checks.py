@@ -1,6 +1,6 @@
 """Bad bundle files are refused at load (or at run time) with one-line BundleErrors, never tracebacks.
 
-Covers ``probe_weights.npz`` (runtime.probe), ``vision.onnx`` (runtime.encoder), ``projector.onnx``
+Covers ``probe_weights.npz`` (runtime.llm.probe), ``vision.onnx`` (runtime.encoder), ``projector.onnx``
 (runtime.projector) and image paths that start with ``-`` on the command line.
 """
 
@@ -65,7 +65,7 @@ BAD_WEIGHTS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
 
 @pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
 def test_bad_probe_weights_are_one_line(tmp_path: Path, case: str) -> None:
-    from runtime.probe import load_probe_weights
+    from runtime.llm.probe import load_probe_weights
 
     change, words = BAD_WEIGHTS[case]
     weights = _good_weights()
@@ -95,7 +95,7 @@ def _not_npz_files(tmp_path: Path) -> dict[str, Path]:
 
 @pytest.mark.parametrize("case", ["empty", "text", "truncated", "npy", "pickle"])
 def test_a_file_that_is_not_an_npz_archive_is_one_line(tmp_path: Path, case: str) -> None:
-    from runtime.probe import load_probe_weights
+    from runtime.llm.probe import load_probe_weights
 
     path = _not_npz_files(tmp_path)[case]
     with pytest.raises(BundleError) as err:
@@ -106,7 +106,7 @@ def test_a_file_that_is_not_an_npz_archive_is_one_line(tmp_path: Path, case: str
 
 
 def test_valid_probe_weights_load_and_extra_members_are_ignored(tmp_path: Path) -> None:
-    from runtime.probe import load_probe_weights
+    from runtime.llm.probe import load_probe_weights
 
     path = tmp_path / "probe_weights.npz"
     np.savez(path, **_good_weights(), export_id=np.array("abc"))  # export.llm adds it
@@ -275,7 +275,7 @@ def test_projector_exposes_its_real_widths(tiny_bundle: Path) -> None:
 
 
 def test_projector_refuses_an_input_width_other_than_the_vision_hidden_size(tiny_bundle: Path) -> None:
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
     from runtime.projector import Projector
 
     vision = load_manifest(tiny_bundle).vision

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from runtime.llm.probe_scores import probe_queries, rope
 from runtime.matrix_entropy import (
     EIG_FLOOR,
     head_entropy_scores,
@@ -20,7 +21,6 @@ from runtime.matrix_entropy import (
     normalised_spectrum,
     spectrum_entropy,
 )
-from runtime.probe_scores import probe_queries, rope
 from runtime.types import ProbeOutput
 from tools import bench_matrix_entropy
 

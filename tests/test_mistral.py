@@ -15,7 +15,7 @@ import pytest
 
 from export.gguf_llama import read_hparams, write_llama_gguf
 from runtime.errors import ModelNotFoundError
-from runtime.template import MISTRAL_INSTRUCT, Conversation, conversation_segments, encode_prompt
+from runtime.llm.template import MISTRAL_INSTRUCT, Conversation, conversation_segments, encode_prompt
 
 LOGIT_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float32, as for LLaVA-1.5 and Vicuna NeXT
 TWO_TURNS = Conversation().ask("What is in the image?").answered("A cat.").ask("What colour is it?")
@@ -58,7 +58,7 @@ def mistral(tiny_mistral_next_dir: Path, tiny_next_bundle: Path, tmp_path_factor
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from export.llm import main as export_llm
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     bundle = tmp_path_factory.mktemp("mistral_llm") / "bundle"
     shutil.copytree(tiny_next_bundle, bundle)
@@ -77,7 +77,7 @@ def mistral(tiny_mistral_next_dir: Path, tiny_next_bundle: Path, tmp_path_factor
 
 
 def _open(path: Path) -> Any:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     return LlamaBackend(path, n_ctx=4096, kv_type="f32", flash_attn="off")
 

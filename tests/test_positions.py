@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from runtime.errors import InputError, SettingError
+from runtime.llm.prompt_cache import ImageRows, common_prefix, identities, position_runs, virtual_positions
 from runtime.pipeline import PrunedImage
-from runtime.prompt_cache import ImageRows, common_prefix, identities, position_runs, virtual_positions
 from tests.test_llm_backend import smollm2_gguf  # noqa: F401 - the real SmolLM2-135M GGUF fixture
 
 LOGIT_ATOL = 1e-3  # llama.cpp f32 (f32 KV, no flash attention) vs PyTorch float32, as the other parity tests
@@ -108,8 +108,8 @@ def test_pruned_image_rows() -> None:
 
 
 def test_pruned_anyres_rows_follow_the_pack() -> None:
-    from runtime.anyres_pack import pack_kept, packed_layout
-    from runtime.anyres_pipeline import PrunedAnyres
+    from runtime.anyres.pack import pack_kept, packed_layout
+    from runtime.anyres.pipeline import PrunedAnyres
     from tests.test_anyres_pack import PINPOINTS
 
     layout = packed_layout((500, 1000), PINPOINTS)
@@ -124,14 +124,14 @@ def test_pruned_anyres_rows_follow_the_pack() -> None:
 
 # --- llama.cpp against Hugging Face ---------------------------------------------------------
 def _prompt(llm, question: str = "What is in the image?"):
-    from runtime.template import Conversation, conversation_segments, encode_prompt
+    from runtime.llm.template import Conversation, conversation_segments, encode_prompt
 
     return encode_prompt(conversation_segments(Conversation().ask(question)), llm)
 
 
 @pytest.fixture(scope="module")
 def llava(tiny_llm_bundle: Path, tiny_llava_model) -> dict:
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
     from runtime.pipeline import Pipeline
 
     pipeline = Pipeline(tiny_llm_bundle)
@@ -219,7 +219,7 @@ QUANT_ATOL = 1.0  # SmolLM2 logits (|max| ~26) through a q8_0 KV cache: ~0.5-0.7
 def test_quantised_cache_moves_cells(smollm2_gguf: Path) -> None:  # noqa: F811 - the fixture imported below
     """A q8_0 KV cache (another cell layout in llama.cpp's state) takes gaps too: near the f32 cache
     with the same gaps, far from the rows at packed positions."""
-    from runtime.llm import LlamaBackend
+    from runtime.llm.backend import LlamaBackend
 
     offsets = np.array([0, 1, 2, 5, 6, 9, 10, 11, 20, 21, 30, 33])
     logits = {}
@@ -274,7 +274,7 @@ def test_prune_json_reports_positions(tiny_bundle: Path, photos, tmp_path: Path,
 
 def test_server_request_sets_positions() -> None:
     from runtime.assistant import Settings
-    from runtime.serve_api import APIError, ChatRequest, settings_changes
+    from runtime.serve.api import APIError, ChatRequest, settings_changes
 
     def changes(**fields) -> dict:
         return settings_changes(ChatRequest(messages=[{"role": "user", "content": "hi"}], **fields), Settings())

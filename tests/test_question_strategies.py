@@ -16,7 +16,7 @@ import runtime.dpp as dpp_core
 import runtime.strategies.cdpruner as cdpruner_module
 from export.reference_question import DartStates, cdpruner_relevance, dart_select, dpp_select
 from runtime.errors import InputError
-from runtime.probe_scores import probe_keys
+from runtime.llm.probe_scores import probe_keys
 from runtime.strategies.registry import get_strategy
 from runtime.types import PruneInputs
 from tests.strategy_fakes import make_inputs

@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 
 from runtime.assistant import Assistant, Settings
-from runtime.serve import listen, main, make_server
-from runtime.serve_api import APIError, ChatRequest, Limits, settings_changes
-from runtime.serve_app import ServeConfig, create_app
+from runtime.serve.api import APIError, ChatRequest, Limits, settings_changes
+from runtime.serve.app import ServeConfig, create_app
+from runtime.serve.cli import listen, main, make_server
 
 pytestmark = pytest.mark.llm
 

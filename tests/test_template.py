@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime.errors import InputError
-from runtime.template import (
+from runtime.llm.template import (
     LLAVA_1_5,
     LLAVA_SYSTEM,
     MISTRAL_INSTRUCT,

@@ -13,9 +13,9 @@ import torch
 
 from export.clip import _keep_text_tower, main
 from export.clip_source import VISION_RTOL, compare_vision, text_source
+from runtime.bundle.manifest import load_manifest
 from runtime.clip_text import ClipSpace
 from runtime.errors import BundleError, InputError
-from runtime.manifest import load_manifest
 
 HUB_CLIP = "openai/clip-vit-large-patch14-336"  # unreachable in tests (HF_HUB_OFFLINE=1)
 TENSOR = "encoder.layers.5.mlp.fc1.weight"

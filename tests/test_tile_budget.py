@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from export.reference_anyres import equal_budgets, perplexity_budgets
-from runtime import tile_budget
+from runtime.anyres import tile_budget
+from runtime.anyres.tile_budget import MODES, perplexity_quotas, split_tile_budget
 from runtime.errors import InputError
 from runtime.selection import top_k
-from runtime.tile_budget import MODES, perplexity_quotas, split_tile_budget
 
 QUOTA_RTOL = 1e-12  # float64 quotas vs exact hand fractions: a few ulp of exp and one division
 LN = math.log

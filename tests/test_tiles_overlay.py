@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.anyres_pack import NEWLINE_SOURCE, PackedOrder, packed_layout
+from runtime.anyres.pack import NEWLINE_SOURCE, PackedOrder, packed_layout
 from tools.entropy_plots import BORDER, DIM, group_colors
 from tools.tiles_overlay import PADDING, grid_overlay, kept_per_tile
 
@@ -52,7 +52,7 @@ def test_grid_overlay_paints_padding_and_frames_kept_patches() -> None:
 def test_tiles_overlay_on_the_tiny_next_bundle(tiny_next_bundle: Path, photos, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
-    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.anyres.pipeline import AnyresPipeline
     from tools.tiles_overlay import main, tiles_overlay
 
     photo = tmp_path / "chelsea.png"
@@ -99,7 +99,7 @@ def test_tiles_overlay_draws_a_question_aware_strategy(tiny_next_bundle: Path, p
     """cdpruner prunes for --question: the drawn sets are the pipeline's for that question."""
     from PIL import Image
 
-    from runtime.anyres_pipeline import AnyresPipeline
+    from runtime.anyres.pipeline import AnyresPipeline
     from runtime.errors import SettingError
     from tools.tiles_overlay import tiles_overlay
 
@@ -123,8 +123,8 @@ def test_tiles_overlay_runs_the_probe_once_over_all_rows(tiny_next_llm_bundle: P
                                                          photos, tmp_path: Path, capsys) -> None:
     from PIL import Image
 
-    from runtime.anyres_pipeline import AnyresPipeline
-    from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
+    from runtime.anyres.pipeline import AnyresPipeline
+    from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
     from tools.tiles_overlay import main, tiles_overlay
 
     photo = tmp_path / "chelsea.png"

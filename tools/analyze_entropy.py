@@ -29,10 +29,10 @@ import numpy as np
 from runtime.atomic import write_atomic, write_json_atomic
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
+from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.model_registry import bundle_path
 from runtime.pipeline import Pipeline
 from runtime.preprocess import load_image
-from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.scoring import layer_distributions, layer_entropy, layer_kl
 from runtime.strategies.registry import available, get_strategy
 from runtime.types import ProbeOutput

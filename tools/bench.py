@@ -18,7 +18,7 @@ times: the rows fed and the peak resident memory while pruning and running the L
 is created per run, so its KV cache holds just the prompt, the rows and the decoded tokens).
 Writes ``bench.json``, ``bench.csv`` and ``bench.png`` (stacked bars) to --out, the table to stdout.
 
-A LLaVA-NeXT bundle (manifest ``anyres``) runs through ``runtime.anyres_pipeline``: all tiles
+A LLaVA-NeXT bundle (manifest ``anyres``) runs through ``runtime.anyres.pipeline``: all tiles
 encoded as one batch, K split across tiles, rows packed with ``image_newline`` rows (fed and
 counted in "rows fed"); ``none`` feeds every row (~2,900 for a 672×672 image); default K
 640 320 160 (LLaVA-1.5: 64 128 192). The probe strategies' probe sees every packed row once.
@@ -46,13 +46,13 @@ from PIL import Image
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
-from runtime.llm import LlamaBackend, projector_out_dim
-from runtime.llm_bundle import open_language_model
-from runtime.llm_context import LlamaContext
-from runtime.probe import LlamaProbe, probe_from_manifest
-from runtime.prompt_cache import ImageRows
+from runtime.llm.backend import LlamaBackend, projector_out_dim
+from runtime.llm.bundle import open_language_model
+from runtime.llm.context import LlamaContext
+from runtime.llm.probe import LlamaProbe, probe_from_manifest
+from runtime.llm.prompt_cache import ImageRows
+from runtime.llm.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from runtime.strategies.registry import available, get_strategy
-from runtime.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
 from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
 from tools.benchlib import PeakRss, decode_greedy_ms, median, open_vision, sample_images, timed_ms
@@ -264,7 +264,7 @@ def _with_mtmd(result: BenchResult, hf_model: Path | None, out: Path) -> BenchRe
     """``result`` plus the libmtmd comparison (tools/bench_mtmd.py) on the bundle's checkpoint."""
     import dataclasses
 
-    from runtime.manifest import load_manifest
+    from runtime.bundle.manifest import load_manifest
     from tools.bench_mtmd import compare_with_mtmd
 
     source = hf_model or Path(str(load_manifest(result.config.bundle).data.get("source", {}).get("model", "")))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runtime.anyres_pipeline import AnyresPipeline
+from runtime.anyres.pipeline import AnyresPipeline
 from runtime.cli import OneLineParser, log, run_cli
 from tools.benchlib import TiledVision, markdown_table, median
 

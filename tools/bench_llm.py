@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.cli import OneLineParser, log, run_cli
-from runtime.llm import LlamaBackend
+from runtime.llm.backend import LlamaBackend
 from tools.benchlib import decode_greedy_ms, markdown_table
 
 DEFAULT_ROWS = (16, 32, 64, 128, 192, 288, 576)

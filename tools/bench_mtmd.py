@@ -24,7 +24,7 @@ import llama_cpp
 import numpy as np
 
 from runtime.errors import UserError
-from runtime.llm import set_llama_logging
+from runtime.llm.backend import set_llama_logging
 from runtime.pipeline import Pipeline
 from tools.benchlib import median, sample_images, timed_ms
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from runtime.cli import OneLineParser, log, run_cli
+from runtime.llm.probe import DEFAULT_QUESTION
 from runtime.pipeline import Pipeline
-from runtime.probe import DEFAULT_QUESTION
 from runtime.strategies.registry import TEXT_TOWER, available, get_strategy
 from tools.benchlib import markdown_table, sample_images
 
@@ -29,7 +29,7 @@ from tools.benchlib import markdown_table, sample_images
 def probe_for(pipeline: Pipeline, question: str = DEFAULT_QUESTION):
     """The language-model probe of the bundle on a prompt with ``question``, or None when export.llm
     has not written one."""
-    from runtime.probe import probe_from_manifest
+    from runtime.llm.probe import probe_from_manifest
 
     return probe_from_manifest(pipeline.manifest, question)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import InputError
-from runtime.probe import DEFAULT_QUESTION
-from runtime.prompt_cache import check_positions
+from runtime.llm.probe import DEFAULT_QUESTION
+from runtime.llm.prompt_cache import check_positions
 from runtime.strategies.registry import get_strategy
 
 STAGES = ("preprocess", "encode", "prune", "projector", "text_tower", "probe", "prefill", "first_token")

@@ -2,7 +2,7 @@
 peak resident memory, and the vision side of a bundle of either family (:func:`open_vision`).
 
 :class:`FlatVision` (LLaVA-1.5's single view, ``runtime.pipeline.Pipeline``) and
-:class:`TiledVision` (LLaVA-NeXT's tiles, ``runtime.anyres_pipeline.AnyresPipeline``) give the
+:class:`TiledVision` (LLaVA-NeXT's tiles, ``runtime.anyres.pipeline.AnyresPipeline``) give the
 benchmarks one interface: encode an image (preprocess and encode timed), prune it at K into the
 rows the language model is fed (newline rows included) with the prune-side stage times.
 """
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.manifest import load_manifest
 from runtime.errors import SettingError
-from runtime.manifest import load_manifest
 from runtime.strategies.capabilities import refusal
 from runtime.strategies.registry import get_strategy
 from tools.sample_photos import photo
@@ -68,7 +68,7 @@ def median(values: Sequence[float]) -> float:
 def decode_greedy_ms(backend: Any, tokens: int) -> float:
     """Greedily decode ``tokens`` tokens after the evaluated prompt (EOS ignored); wall ms.
 
-    ``backend`` is a :class:`runtime.llm.LlamaBackend` whose last evaluation left logits.
+    ``backend`` is a :class:`runtime.llm.backend.LlamaBackend` whose last evaluation left logits.
     """
     start = time.perf_counter()
     for _ in range(tokens):
@@ -174,7 +174,7 @@ class FlatVision:
 
 class TiledVision:
     """LLaVA-NeXT: a base view plus a grid of 336×336 tiles, encoded as one batch, pruned per tile
-    and packed with ``image_newline`` rows (``runtime.anyres_pipeline.AnyresPipeline``). The prune
+    and packed with ``image_newline`` rows (``runtime.anyres.pipeline.AnyresPipeline``). The prune
     stage includes the K split and, for cdpruner, the question's text tower (not timed apart); the
     probe strategies' one probe of every packed row is timed apart."""
 
@@ -215,7 +215,7 @@ def open_vision(bundle: str | Path, threads: int | None = None) -> FlatVision | 
     """The vision side of ``bundle``: :class:`TiledVision` when its manifest has ``anyres``."""
     manifest = load_manifest(bundle)
     if manifest.anyres is not None:
-        from runtime.anyres_pipeline import AnyresPipeline
+        from runtime.anyres.pipeline import AnyresPipeline
 
         return TiledVision(AnyresPipeline(manifest, threads=threads))
     from runtime.pipeline import Pipeline

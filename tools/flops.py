@@ -41,7 +41,7 @@ Mistral-7B, m = 14336, 8 kv heads). One image of a ``gh × gw`` grid (``--grid``
 patch: T = 1 + gh·gw tiles (base view first), N_t = 576 candidates per tile, T·576 candidates in
 all, and ``gh·24`` packed grid rows, each followed by one ``image_newline`` row. Budgets are
 ``--next-tokens`` (default 640 320 160), K over all tiles, split as the runtime's default
-``tile_budget="equal"`` (``runtime.tile_budget.split_tile_budget``: 128 per tile at K = 640).
+``tile_budget="equal"`` (``runtime.anyres.tile_budget.split_tile_budget``: 128 per tile at K = 640).
 
 - Vision: the encoder runs T times (T × the single-view count). Projector: K rows, plus all
   T·576 for the strategies that project everything (the ``image_newline`` rows are a stored vector).
@@ -49,11 +49,11 @@ all, and ``gh·24`` packed grid rows, each followed by one ``image_newline`` row
   2×2). Pruned: the exact newline count is one per packed grid row that kept a token, which depends
   on the picks; the table uses the upper bound ``min(gh·24, grid tokens kept)`` (48 for 2×2 at every
   default budget).
-- Vision strategies and cdpruner run per tile as the runtime does (``runtime.anyres_pipeline``):
+- Vision strategies and cdpruner run per tile as the runtime does (``runtime.anyres.pipeline``):
   select = the sum over tiles with k_t > 0 of the single-view formula at (N_t = 576, k_t), e.g.
   divprune ``Σ_t N_t²·E`` and cdpruner ``Σ_t (N_t²·E + N_t·P + k_t²·N_t)``, not ``(T·576)²·E``;
   cdpruner's text tower runs once per image (the runtime reuses T for every tile), V = T·576·D·P.
-- Probe strategies (entropyprune, fastv, dart; ``runtime.anyres_probe``): one
+- Probe strategies (entropyprune, fastv, dart; ``runtime.anyres.probe``): one
   probe over ``prompt +`` all image rows (2928, newlines included), scores on the T·576 image rows;
   their selection formulas above with N = T·576 and T = prompt + 2928.
 

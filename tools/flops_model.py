@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from runtime.anyres.tile_budget import split_tile_budget
 from runtime.errors import InputError
 from runtime.strategies.registry import get_strategy
-from runtime.tile_budget import split_tile_budget
 
 COST_MODELS = ("none", "uniform", "fastervlm", "visionzip", "entropy", "divprune", "entropyprune", "fastv",
                "cdpruner", "dart")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.anyres_preprocess import LLAVA_NEXT_PINPOINTS
+from runtime.anyres.preprocess import LLAVA_NEXT_PINPOINTS
 from tools.llava_parts import (
     IMAGE,
     PATCH,

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
+from runtime.llm.probe import probe_from_manifest
 from runtime.pipeline import Pipeline
 from runtime.preprocess import load_image
-from runtime.probe import probe_from_manifest
 from runtime.strategies.registry import get_strategy
 from tools.entropy_plots import (
     add_figure_args,

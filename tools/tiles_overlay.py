@@ -3,7 +3,7 @@
 ``python tools/tiles_overlay.py IMAGE --model BUNDLE [--strategy entropy] [--tokens 320]
 [--tile-budget equal] [--question TEXT] [--caption TEXT] [--out tiles_overlay.png]``
 
-The image is cut into tiles as the model sees them (``runtime.anyres_pipeline``), pruned at K
+The image is cut into tiles as the model sees them (``runtime.anyres.pipeline``), pruned at K
 split across tiles, and drawn in two panels: the 336×336 base view and the grid of 336×336 tiles
 side by side at one scale in their places (``tools/entropy_plots.kept_overlay`` per tile: dropped patches
 dimmed, kept ones framed). Grid patches that unpadding removes (the padding around an image of
@@ -11,7 +11,7 @@ another aspect) are never candidates and are painted flat ``PADDING``. ``image_n
 fed to the model but have no place on the image, so they are not drawn. Every strategy the bundle
 can run draws: ``cdpruner`` and ``dart`` prune for ``--question``; the probe strategies (``fastv``,
 ``entropyprune``, ``dart``) run the bundle's probe once over all packed rows with that question
-(default: ``runtime.probe.DEFAULT_QUESTION``), as ``runtime.prune`` does. On a bundle of random
+(default: ``runtime.llm.probe.DEFAULT_QUESTION``), as ``runtime.prune`` does. On a bundle of random
 weights the picks are random-weight picks; the caption (``--caption``) should say so.
 """
 
@@ -24,15 +24,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from runtime.anyres_pack import PackedLayout
-from runtime.anyres_pipeline import AnyresPipeline, PrunedAnyres
+from runtime.anyres.pack import PackedLayout
+from runtime.anyres.pipeline import AnyresPipeline, PrunedAnyres
+from runtime.anyres.tile_budget import MODES
 from runtime.cli import OneLineParser, log, run_cli
+from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.model_registry import bundle_path
 from runtime.pipeline import require_question
 from runtime.preprocess import load_image
-from runtime.probe import DEFAULT_QUESTION, probe_from_manifest
 from runtime.strategies.registry import get_strategy
-from runtime.tile_budget import MODES
 from tools.entropy_plots import DPI, add_figure_args, bundle_caption, display_image, kept_overlay, save_png
 
 PADDING = (0.92, 0.92, 0.92)  # RGB of a grid patch removed by unpadding (light grey)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.manifest import Manifest, source_model, text_tower_command
+from runtime.bundle.manifest import Manifest, source_model, text_tower_command
 from runtime.strategies.registry import (
     CLS_ATTN,
     KEYS,

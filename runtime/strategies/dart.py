@@ -15,7 +15,7 @@ import numpy as np
 
 from runtime.dart import IMAGE_PIVOTS, TEXT_PIVOTS, dart_select
 from runtime.errors import InputError
-from runtime.probe_scores import probe_keys
+from runtime.llm.probe_scores import probe_keys
 from runtime.selection import check_budget
 from runtime.strategies.probing import probe_projected_patches
 from runtime.strategies.registry import PROBE, PROBE_FINAL, PROJECTOR, QUESTION, register

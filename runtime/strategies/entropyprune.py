@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.llm.probe_scores import probe_queries
 from runtime.matrix_entropy import head_entropy_scores
-from runtime.probe_scores import probe_queries
 from runtime.selection import check_budget, top_k
 from runtime.strategies.probing import probe_projected_patches, score_summary
 from runtime.strategies.registry import PROBE, PROJECTOR, register

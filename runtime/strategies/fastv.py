@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.probe_scores import fastv_scores
+from runtime.llm.probe_scores import fastv_scores
 from runtime.selection import check_budget, top_k
 from runtime.strategies.probing import probe_projected_patches, score_summary
 from runtime.strategies.registry import PROBE, PROJECTOR, register

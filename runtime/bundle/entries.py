@@ -1,4 +1,4 @@
-"""The typed entries of a bundle's ``manifest.json`` (:mod:`runtime.manifest` reads the whole):
+"""The typed entries of a bundle's ``manifest.json`` (:mod:`runtime.bundle.manifest` reads the whole):
 the encoder's geometry, the language model and its probes, the CLIP text tower, LLaVA-NeXT's
 tiling. Each ``from_json`` checks every field's type and names the first bad one."""
 

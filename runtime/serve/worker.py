@@ -19,7 +19,7 @@ from typing import Any
 from runtime.assistant import Assistant, TurnStats
 from runtime.cli import log
 from runtime.errors import UserError
-from runtime.serve_api import APIError, ChatQuery, ImageData, decode_image
+from runtime.serve.api import APIError, ChatQuery, ImageData, decode_image
 
 POLL_S = 0.1  # how often an idle worker looks at its stop flag
 

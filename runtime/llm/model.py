@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from runtime.errors import BundleError
-from runtime.gguf_header import check_hparams
+from runtime.llm.gguf_header import check_hparams
 
 LOAD_MODES = {  # how llama.cpp reads the weights
     "read": llama_cpp.LLAMA_LOAD_MODE_NONE,  # read into memory: one copy (repacked in place)

@@ -2,7 +2,7 @@
 
 FastAPI on uvicorn (the ``serve`` extra), bound to 127.0.0.1 by default: ``POST
 /v1/chat/completions`` with an inline image, ``GET /v1/models``, ``GET /health``. One worker
-answers requests in order; Ctrl-C stops the server. The app itself is :mod:`runtime.serve_app`.
+answers requests in order; Ctrl-C stops the server. The app itself is :mod:`runtime.serve.app`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from runtime.cli import OneLineParser, log, positive_int, run_cli
 from runtime.errors import UserError
-from runtime.llm import DEFAULT_N_CTX
+from runtime.llm.backend import DEFAULT_N_CTX
 from runtime.model_registry import bundle_path
 from runtime.prune import add_pipeline_arguments, method_options
 
@@ -55,8 +55,8 @@ def make_server(app: Any, sock: socket.socket, log_level: str = "info") -> Any:
 def serve(args: argparse.Namespace) -> int:
     """Load the bundle and serve it until Ctrl-C (or SIGTERM)."""
     from runtime.assistant import Assistant, Settings
-    from runtime.serve_api import Limits
-    from runtime.serve_app import ServeConfig, create_app
+    from runtime.serve.api import Limits
+    from runtime.serve.app import ServeConfig, create_app
 
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the serve extra: FastAPI, uvicorn (and pydantic through FastAPI)
         import uvicorn  # noqa: F401
 
-        from runtime.serve_api import MAX_IMAGE_PIXELS, MAX_MESSAGES
+        from runtime.serve.api import MAX_IMAGE_PIXELS, MAX_MESSAGES
     except ImportError as err:
         print(f"{PROG}: error: the server needs FastAPI and uvicorn: pip install 'entroprune[serve]' ({err})",
               file=sys.stderr)
@@ -116,6 +116,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return run_cli(lambda: serve(args), PROG)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

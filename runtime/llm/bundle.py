@@ -1,7 +1,7 @@
 """Open a bundle's language model from ``manifest["llm"]`` (written by export.llm).
 
 It is checked against the projector's output width, so a GGUF of another model is refused
-with one line before anything is evaluated (``runtime.probe.open_probe`` does the same).
+with one line before anything is evaluated (``runtime.llm.probe.open_probe`` does the same).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.entries import LlmInfo
+from runtime.bundle.manifest import EXPORT_ID_KEY, MANIFEST, bundle_file, check_export_id, repair_command, source_model
 from runtime.errors import BundleError
-from runtime.gguf_header import check_hparams
-from runtime.llm import LlamaBackend, projector_out_dim
-from runtime.manifest import EXPORT_ID_KEY, MANIFEST, bundle_file, check_export_id, repair_command, source_model
-from runtime.manifest_entries import LlmInfo
+from runtime.llm.backend import LlamaBackend, projector_out_dim
+from runtime.llm.gguf_header import check_hparams
 
 
 def llm_info(root: Path, manifest: dict[str, Any]) -> LlmInfo:

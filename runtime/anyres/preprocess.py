@@ -17,7 +17,7 @@ HF's steps, each reproduced here (sizes are ``(height, width)``):
 
 1. RGB conversion as :func:`runtime.preprocess.to_rgb` (transparency composited onto white).
 2. ``best_resolution = select_best_resolution(image_size, image_grid_pinpoints)``.
-3. Resize keeping aspect to :func:`runtime.anyres.patch_output_size` (``get_patch_output_size``:
+3. Resize keeping aspect to :func:`runtime.anyres.geometry.patch_output_size` (``get_patch_output_size``:
    ceil-ed short side) and pad to ``best_resolution`` with **black** (uint8 0, before rescaling,
    so a padded pixel normalises to ``-mean / std``; unlike LLaVA-1.5's mean-colour square), the
    image centred with the odd pixel of padding at the bottom/right (``divmod(diff, 2)``).
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from runtime.anyres import Size, patch_output_size, select_best_resolution
+from runtime.anyres.geometry import Size, patch_output_size, select_best_resolution
 from runtime.preprocess import RESAMPLE, PreprocessConfig, center_crop, rescale_and_normalize, to_rgb
 
 # llava-hf/llava-v1.6-* preprocessor_config.json values (HF's class defaults say 224; the repos 336).

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from runtime.bundle.manifest import Manifest, repair_command
 from runtime.errors import BundleError
-from runtime.llm import LlamaBackend
-from runtime.llm_bundle import checked_gguf, checked_npz, checked_width, llm_info
-from runtime.manifest import Manifest, repair_command
-from runtime.prompt_cache import ImageRows
-from runtime.template import Conversation, conversation_segments, encode_prompt, get_template
+from runtime.llm.backend import LlamaBackend
+from runtime.llm.bundle import checked_gguf, checked_npz, checked_width, llm_info
+from runtime.llm.prompt_cache import ImageRows
+from runtime.llm.template import Conversation, conversation_segments, encode_prompt, get_template
 from runtime.types import ProbeOutput
 
 DEFAULT_QUESTION = "Describe the image in detail."  # probe prompt when the caller has none (benchmarks)

@@ -2,9 +2,9 @@
 
 llama-cpp-python's ``Llava15ChatHandler`` encodes the image itself; we use the low-level API
 instead (``llama_batch_init(n, n_embd, 1)`` and ``batch.embd``) so that any ``[M, n_embd]`` rows
-can be injected. The layer follows llama.cpp's native handles — :class:`runtime.llm_model.LlamaModel`
-(weights, vocabulary), :class:`runtime.llm_context.LlamaContext` (KV cache, batches, evaluation,
-prefill with cache reuse) and :class:`runtime.generation.Generation` (the sampling loop and its
+can be injected. The layer follows llama.cpp's native handles — :class:`runtime.llm.model.LlamaModel`
+(weights, vocabulary), :class:`runtime.llm.context.LlamaContext` (KV cache, batches, evaluation,
+prefill with cache reuse) and :class:`runtime.llm.generation.Generation` (the sampling loop and its
 result); :class:`LlamaBackend` is one model with one context, what most callers want.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import BundleError
-from runtime.generation import Generation
-from runtime.llm_context import DEFAULT_N_CTX, FLASH_ATTN, KV_TYPES, QUANT_BLOCK, LlamaContext
-from runtime.llm_model import LOAD_MODES, LlamaModel, set_llama_logging
-from runtime.prompt_cache import Prefill, PromptPiece
+from runtime.llm.context import DEFAULT_N_CTX, FLASH_ATTN, KV_TYPES, QUANT_BLOCK, LlamaContext
+from runtime.llm.generation import Generation
+from runtime.llm.model import LOAD_MODES, LlamaModel, set_llama_logging
+from runtime.llm.prompt_cache import Prefill, PromptPiece
 
 __all__ = ["DEFAULT_N_CTX", "FLASH_ATTN", "KV_TYPES", "LOAD_MODES", "QUANT_BLOCK", "LlamaBackend",
            "projector_out_dim", "set_llama_logging"]
@@ -40,7 +40,7 @@ class LlamaBackend:
     """One llama.cpp model with one context (one sequence). ``embeddings=True`` gives hidden
     states (pooling NONE) instead of logits: the probe mode. ``kv_type="f32", flash_attn="off"``
     keeps activations in float32 (parity with PyTorch to ~1e-5); the defaults round K/V to f16.
-    ``load``/``repack``: see :class:`runtime.llm_model.LlamaModel`. Both handles are freed by
+    ``load``/``repack``: see :class:`runtime.llm.model.LlamaModel`. Both handles are freed by
     :meth:`close` (or ``with``), also when the context cannot be created."""
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None, n_batch: int = 512,
@@ -128,7 +128,7 @@ class LlamaBackend:
     # --- generation -------------------------------------------------------------------------
     def sample(self, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
         """Next token from the last logits (greedy at temperature 0); ``seed`` reseeds the RNG."""
-        from runtime.sampling import sample_token
+        from runtime.llm.sampling import sample_token
 
         if seed is not None:
             self._rng = np.random.default_rng(seed)

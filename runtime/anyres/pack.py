@@ -3,10 +3,10 @@
 :func:`pack_all` equals Hugging Face's ``LlavaNextModel.pack_image_features`` (transformers 5.x,
 ``vision_feature_select_strategy="default"``) for one image: the base tile's N rows, then the grid
 tiles laid out as one ``(gh*g) x (gw*g)`` patch grid (g = crop // patch), unpadded as HF
-``unpad_image`` (:func:`runtime.anyres.unpad_shape`), row-major, ``image_newline`` after each row.
+``unpad_image`` (:func:`runtime.anyres.geometry.unpad_shape`), row-major, ``image_newline`` after each row.
 :func:`pack_kept` gives the §5 output order of a pruned image and :func:`image_positions` its §6
 positions. Tile 0 is the base tile, tiles 1..T-1 the grid row-major (as
-:mod:`runtime.anyres_preprocess` emits them); patches are row-major inside a tile (0..N-1).
+:mod:`runtime.anyres.preprocess` emits them); patches are row-major inside a tile (0..N-1).
 
 Choices where method.md is silent:
 
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.anyres import AnyresLayout, anyres_layout, select_best_resolution
+from runtime.anyres.geometry import AnyresLayout, anyres_layout, select_best_resolution
 from runtime.errors import InputError
-from runtime.prompt_cache import POSITION_MODES
+from runtime.llm.prompt_cache import POSITION_MODES
 
 NEWLINE_MODES = ("rows", "none")
 NEWLINE_SOURCE = -1  # tile and patch of an image_newline row in PackedOrder.source_*

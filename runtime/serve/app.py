@@ -2,7 +2,7 @@
 
 ``create_app(assistant, config)`` serves ``POST /v1/chat/completions`` (plain or SSE streaming),
 ``GET /v1/models`` and ``GET /health`` (never behind the key). Requests go to one
-:class:`~runtime.serve_worker.Worker`; every error answers ``{"error": {...}}`` without a traceback.
+:class:`~runtime.serve.worker.Worker`; every error answers ``{"error": {...}}`` without a traceback.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from runtime.assistant import Assistant, Settings, TurnStats
-from runtime.serve_api import APIError, Limits, error_body, parse_chat_request, validation_message
-from runtime.serve_worker import Event, Events, Failed, Finished, Piece, Ticket, Worker
+from runtime.serve.api import APIError, Limits, error_body, parse_chat_request, validation_message
+from runtime.serve.worker import Event, Events, Failed, Finished, Piece, Ticket, Worker
 
 MAX_BODY_BYTES = 20 * 2**20
 DRAIN_FACTOR = 4  # read (and drop) a body up to 4x the limit before answering 413, so the client sees the answer

@@ -2,9 +2,9 @@
 
 ``AnyresPipeline(bundle).prune(image, tokens=320, strategy="entropy") -> PrunedAnyres``. The
 tiles (base view first, then the grid row-major) go through the bundle's ONNX encoder as one
-batch; K is split across tiles (``tile_budget``: ``equal`` or ``perplexity``, ``runtime.tile_budget``);
+batch; K is split across tiles (``tile_budget``: ``equal`` or ``perplexity``, ``runtime.anyres.tile_budget``);
 each tile is pruned on its own candidates with its own distributions; the kept tokens are
-projected and laid out in the packed order with ``image_newline`` rows (``runtime.anyres_pack``).
+projected and laid out in the packed order with ``image_newline`` rows (``runtime.anyres.pack``).
 Choices where method.md is silent:
 
 - A tile's candidates are its patches that unpadding keeps; the strategy sees the tile's encoder
@@ -15,7 +15,7 @@ Choices where method.md is silent:
   by the bundle's entropy defaults (rule and ranges) unless the options give others.
 - Probe strategies (entropyprune, fastv, dart): the probe runs once, on the prompt with every packed
   row of the image (strategy ``none``'s rows, newlines included); each tile's strategy reads that run's
-  scores at its own candidates and keeps its k_t (``runtime.anyres_probe`` says how). ``cdpruner``
+  scores at its own candidates and keeps its k_t (``runtime.anyres.probe`` says how). ``cdpruner``
   runs per tile with the one question.
 - A tile whose share is 0 keeps nothing (the strategies need K >= 1, so they are not run on it).
 """
@@ -32,19 +32,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from runtime.anyres_pack import PackedLayout, PackedOrder, gather_rows, image_positions, pack_kept, packed_layout
-from runtime.anyres_preprocess import AnyresConfig, AnyresPixels, preprocess_anyres
-from runtime.anyres_probe import ProbeFn, SharedProbe, probe_context, probe_rows
+from runtime.anyres.pack import PackedLayout, PackedOrder, gather_rows, image_positions, pack_kept, packed_layout
+from runtime.anyres.preprocess import AnyresConfig, AnyresPixels, preprocess_anyres
+from runtime.anyres.probe import ProbeFn, SharedProbe, probe_context, probe_rows
+from runtime.anyres.tile_budget import MODES, split_tile_budget
+from runtime.bundle.manifest import Manifest, load_manifest, repair_command
 from runtime.errors import BundleError, InputError, SettingError
-from runtime.llm_bundle import checked_npz
-from runtime.manifest import Manifest, load_manifest, repair_command
+from runtime.llm.bundle import checked_npz
+from runtime.llm.prompt_cache import ImageRows, check_positions
 from runtime.pipeline import Pipeline, require_question
 from runtime.preprocess import load_image
-from runtime.prompt_cache import ImageRows, check_positions
 from runtime.scoring import layer_distributions, layer_entropy
 from runtime.selection import choose_layers
 from runtime.strategies.registry import TEXT_TOWER, get_strategy
-from runtime.tile_budget import MODES, split_tile_budget
 from runtime.types import EncoderOutput, EncoderTiles, PruneInputs, Selection
 
 NEWLINE_MODES = ("rows", "none")
@@ -96,7 +96,7 @@ class PrunedAnyres:
     def image_rows(self, key: Hashable, positions: str = "packed") -> ImageRows:
         """The rows as the language model is fed them (method.md §6): ``packed`` consecutive,
         ``original`` each row at its place in the full pack (newlines included), the text after
-        the image at ``total_rows`` (:func:`runtime.anyres_pack.image_positions`)."""
+        the image at ``total_rows`` (:func:`runtime.anyres.pack.image_positions`)."""
         if check_positions(positions) == "packed":
             return ImageRows(key, self.embeddings)
         placed = image_positions(0, self.order, self.total_rows, positions)
@@ -151,7 +151,7 @@ class AnyresPipeline:
                       probe: ProbeFn | None = None, probe_scope: str = "image", **options: Any) -> PrunedAnyres:
         """Split K, prune each tile, project and pack an encoded image. ``probe``: the bound probe
         (``LlamaProbe.bind``) the probe strategies need; ``probe_scope="tile"`` is the wrong variant
-        kept for negative controls (see ``runtime.anyres_probe``)."""
+        kept for negative controls (see ``runtime.anyres.probe``)."""
         chosen = get_strategy(strategy)
         if probe is None:  # a caller's own probe stands in for the bundle's (the references do)
             self.base.check_strategy(chosen)

@@ -11,9 +11,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.bundle.manifest import Manifest, bundle_file, repair_command
 from runtime.cli import log
 from runtime.errors import BundleError
-from runtime.manifest import Manifest, bundle_file, repair_command
 
 CHUNK = 1 << 20
 TEXT_EXPORTER = "export.clip --text-tower-only"  # rewrites the text tower alone

@@ -2,21 +2,21 @@
 packed row of the image, read by each tile through its own candidates.
 
 ``SharedProbe(probe, probe_rows(projected, newline, layout))`` wraps a ``PruneInputs.probe`` callable
-(``runtime.probe.LlamaProbe.bind``: the prompt around the image); ``shared.for_tile(t, candidates)``
+(``runtime.llm.probe.LlamaProbe.bind``: the prompt around the image); ``shared.for_tile(t, candidates)``
 is the probe callable tile t's strategy (entropyprune, fastv, dart) receives. Design, where method.md
 is silent:
 
 - **All rows, once.** The probe runs once per image, on the prompt with strategy ``none``'s rows: the
   base tile's N rows, then the unpadded grid rows, each followed by ``image_newline``
-  (``runtime.anyres_pack``): what the language model would see unpruned, so every score (FastV's
+  (``runtime.anyres.pack``): what the language model would see unpruned, so every score (FastV's
   attention of the last position, whose softmax spans all rows; EntropyPrune's layer-(P−1) queries;
   DART's keys and final-norm states) is that of the whole image in context. The probe sees the
   newline rows even when the output asks ``newline="none"``. The run is lazy (the first tile that
   asks) and cached; a later ``final=True`` (DART's final-norm probe) runs it once more with both.
 - **Mapped back per tile.** Tile t's probe returns that run with ``ProbeOutput.candidates`` = the
   positions of t's candidate patches (unpadded ones have no row), in t's candidate order; the
-  strategy then selects its k_t (``runtime.tile_budget``) among them exactly as on LLaVA-1.5
-  (``runtime.probe_scores`` and ``runtime.strategies.dart`` read ``ProbeOutput.image_rows``).
+  strategy then selects its k_t (``runtime.anyres.tile_budget``) among them exactly as on LLaVA-1.5
+  (``runtime.llm.probe_scores`` and ``runtime.strategies.dart`` read ``ProbeOutput.image_rows``).
 - **Newline rows are never candidates**: never kept and, for DART, never image pivots: they are the
   learned row separator, not image tokens (their keys still sit in FastV's softmax and in every
   row's context). DART's text pivots are the tokens after the whole image (after its last newline
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.anyres_pack import PackedLayout, gather_rows, pack_kept
+from runtime.anyres.pack import PackedLayout, gather_rows, pack_kept
 from runtime.errors import InputError
 from runtime.types import ProbeOutput
 

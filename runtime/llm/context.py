@@ -3,7 +3,7 @@
 ``eval_tokens``/``eval_embeddings`` append positions and return their outputs (logits, or hidden
 states in embeddings mode); image rows go in through ``batch.embd`` with one ``memmove``.
 ``prefill`` makes the sequence equal a prompt of token ids and image rows, evaluating only from
-the first position where it differs from what the cache holds (see :mod:`runtime.prompt_cache`).
+the first position where it differs from what the cache holds (see :mod:`runtime.llm.prompt_cache`).
 
 **Positions with gaps** (method.md §6, ``positions="original"``: image rows fed with
 :attr:`ImageRows.positions`). llama.cpp wants every batch of a RoPE model to start right after
@@ -18,7 +18,7 @@ attention mask only compares positions, and every cached cell stays below the ru
 sees exactly the cells HF's does at the distances HF's RoPE does. Cost of ``original``: one
 ``llama_decode`` per run of consecutive positions (then chunked by ``n_batch``) plus, per gap,
 one cell's keys and values copied out and back (2 x n_layer x n_embd_k values; no K-shift, no
-recomputation). Identities carry the position (:mod:`runtime.prompt_cache`), so a cache built
+recomputation). Identities carry the position (:mod:`runtime.llm.prompt_cache`), so a cache built
 with packed positions is never reused for original ones past the first differing position.
 """
 
@@ -33,8 +33,8 @@ import llama_cpp
 import numpy as np
 
 from runtime.errors import BundleError, ContextOverflowError
-from runtime.llm_model import LlamaModel
-from runtime.prompt_cache import (
+from runtime.llm.model import LlamaModel
+from runtime.llm.prompt_cache import (
     ImageRows,
     Prefill,
     PromptPiece,

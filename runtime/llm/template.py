@@ -183,7 +183,7 @@ def split_at_image(segments: tuple[Segment, ...]) -> SplitPrompt:
 
 
 class Tokenizer(Protocol):
-    """What :func:`encode_prompt` needs (``runtime.llm.LlamaBackend`` is one)."""
+    """What :func:`encode_prompt` needs (``runtime.llm.backend.LlamaBackend`` is one)."""
 
     bos_token: int
     eos_token: int

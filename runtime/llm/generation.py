@@ -1,4 +1,4 @@
-"""Token-by-token generation on a :class:`runtime.llm_context.LlamaContext`.
+"""Token-by-token generation on a :class:`runtime.llm.context.LlamaContext`.
 
 :class:`Generation` is both the stream (iterate it for text pieces) and its result: the pieces,
 the token ids fed back and the finish reason are on the object, not on the context.
@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from runtime.llm_context import LlamaContext
-from runtime.sampling import StopScanner, sample_token
+from runtime.llm.context import LlamaContext
+from runtime.llm.sampling import StopScanner, sample_token
 
 
 class Generation:

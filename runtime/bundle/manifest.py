@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import BundleError
-from runtime.manifest_entries import (
+from runtime.bundle.entries import (
     FAMILIES,
     VALUE_CHECKS,
     AnyresInfo,
@@ -28,6 +27,7 @@ from runtime.manifest_entries import (
     TextTowerInfo,
     VisionInfo,
 )
+from runtime.errors import BundleError
 from runtime.model_registry import PruningDefaults
 
 SCHEMA = "entroprune.bundle/2"

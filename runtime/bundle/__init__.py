@@ -1,0 +1,1 @@
+"""What an export wrote: the manifest (read, typed and checked) and the files' recorded sha256."""
