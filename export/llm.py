@@ -4,7 +4,7 @@
 [--gguf PATH] [--force]``
 
 Runs after ``export.clip`` (which writes ``DIR/manifest.json``): converts the checkpoint's LLaMA or Mistral
-with our own converter (:mod:`export.gguf_llama`) to f32/f16, builds ``probe.gguf`` and
+with our own converter (:mod:`export.llm_gguf.converter`) to f32/f16, builds ``probe.gguf`` and
 ``probe_weights.npz`` (EntropyPrune, FastV, DART's keys) and ``probe_final.gguf`` (DART's ``H``)
 from that file (so the probes stay f32/f16: f32 when ``--quant f32``, else
 f16), quantises with ``llama_model_quantize`` and records everything under ``manifest["llm"]``.
@@ -28,9 +28,9 @@ import numpy as np
 
 from export.bundle_writer import BundleUpdate, bundle_update
 from export.diskspace import link_or_copy, require_free
-from export.gguf_llama import CheckpointTensors, LlamaHParams, read_hparams, tensor_plan, write_llama_gguf
-from export.gguf_probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
-from export.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
+from export.llm_gguf.converter import CheckpointTensors, LlamaHParams, read_hparams, tensor_plan, write_llama_gguf
+from export.llm_gguf.probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
+from export.llm_gguf.quantize import BITS_PER_WEIGHT, QUANTS, quantize_gguf
 from runtime.atomic import atomic_path
 from runtime.bundle.check import file_sha256
 from runtime.bundle.manifest import SCHEMA

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.reference_vision import tower_outputs
+from export.reference.vision import tower_outputs
 from export.vision_family import VisionFamily
 from runtime.errors import UserError
 
@@ -65,7 +65,7 @@ def hf_vision_reference(half, pixel_values: torch.Tensor, feature_layer: int) ->
 
 def tower_reference(tower, pixel_values: torch.Tensor, feature_layer: int,
                     family: VisionFamily | None = None) -> dict[str, np.ndarray]:
-    """:func:`export.reference_vision.tower_outputs` as NumPy, one image at a time so that only one
+    """:func:`export.reference.vision.tower_outputs` as NumPy, one image at a time so that only one
     image's N×N attention maps are alive (511 MB for CLIP-L)."""
     rows = [{k: v.numpy() for k, v in tower_outputs(tower, pixel_values[i : i + 1], feature_layer, family).items()}
             for i in range(pixel_values.shape[0])]

@@ -1,7 +1,7 @@
 """Vision families: where a Hugging Face vision tower keeps what the export needs, one small spec each.
 
 The tower wrapper (:class:`export.vision.VisionTowerWithAttention`), the Hugging Face reference
-(:func:`export.reference_vision.tower_outputs`), the export-and-validate path
+(:func:`export.reference.vision.tower_outputs`), the export-and-validate path
 (:func:`export.onnx_export.export_tower`, :func:`export.validate.validate_tower`) and the manifest
 builder (:func:`export.manifest.vision_manifest`) take a :class:`VisionFamily` instead of naming
 CLIP's or DINOv2's submodules. Families are registered by the ``model_type`` of a Hugging Face

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import runtime.anyres.pack as anyres_pack
-from export.reference import reference_prune
+from export.reference.pruning import reference_prune
 from runtime.anyres.pipeline import AnyresPipeline
 from runtime.errors import BundleError, InputError, SettingError
 from runtime.prune import main

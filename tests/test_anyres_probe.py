@@ -1,6 +1,6 @@
 """LLaVA-NeXT probe strategies (fastv, entropyprune, dart) per tile through one probe of every packed
 row (runtime.anyres.probe), and per-tile pruning against the padding-aware PyTorch reference
-(export.reference_anyres) on several image sizes."""
+(export.reference.anyres) on several image sizes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from export.reference import EntropyOptions, vision_outputs
-from export.reference_anyres import deep_entropies, equal_budgets, packed_ids, perplexity_budgets, reference_anyres
+from export.reference.anyres import deep_entropies, equal_budgets, packed_ids, perplexity_budgets, reference_anyres
+from export.reference.pruning import EntropyOptions, vision_outputs
 from runtime.anyres.pack import pack_all, packed_layout
 from runtime.anyres.pipeline import AnyresPipeline
 from runtime.anyres.probe import SharedProbe, probe_context, probe_rows

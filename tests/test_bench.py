@@ -23,7 +23,7 @@ from hypothesis.extra.numpy import arrays
 from export.mmproj import read_mmproj_keys, write_mmproj_gguf
 from tests.bundle_files import member
 from tools.bench_mtmd import alignments, row_agreement
-from tools.benchlib import markdown_table
+from tools.benchkit.common import markdown_table
 
 F = 23  # tiny LLaVA: vision_feature_layer -2 of 24 blocks
 COS_TOL = 1e-12  # cosines are computed in float64
@@ -179,7 +179,7 @@ def test_libmtmd_reads_our_mmproj(tiny_llm_bundle: Path, tiny_llava_dir: Path, t
 @pytest.mark.llm
 def test_compare_with_mtmd_report(tiny_llm_bundle: Path, tiny_llava_dir: Path, tmp_path: Path) -> None:
     from tools.bench_mtmd import compare_with_mtmd
-    from tools.bench_report import mtmd_markdown
+    from tools.benchkit.report import mtmd_markdown
 
     report = compare_with_mtmd(tiny_llm_bundle, tiny_llava_dir, tmp_path, images=1, repeats=1, threads=2)
     assert report["status"] == "ok", report.get("reason")
@@ -244,7 +244,7 @@ def test_bench_smoke_on_tiny_bundle(tiny_llm_bundle: Path, tmp_path: Path, capsy
 @pytest.mark.llm
 def test_bench_with_a_gguf_of_another_width(tiny_llm_bundle: Path, tmp_path: Path) -> None:
     from tools.bench import BenchConfig, run_bench
-    from tools.bench_report import result_markdown
+    from tools.benchkit.report import result_markdown
     from tools.make_random_gguf import Shape, make_random_gguf
 
     other = make_random_gguf(tmp_path / "wide.gguf", Shape(layers=2, embd=128, ff=256, heads=4, kv_heads=2,
@@ -264,7 +264,7 @@ def test_bench_feeds_original_positions(tiny_llm_bundle: Path) -> None:
     """``positions="original"``: the K rows sit at their patch indices, so the prompt spans all N image
     positions (packed: K); the run decodes the gaps (one llama_decode per run of kept rows)."""
     from tools.bench import BenchConfig, run_bench
-    from tools.bench_report import result_markdown
+    from tools.benchkit.report import result_markdown
 
     spans = {}
     for positions in ("packed", "original"):
@@ -283,7 +283,7 @@ def test_bench_feeds_original_positions(tiny_llm_bundle: Path) -> None:
 def test_tiled_bench_rows_carry_the_pack_positions(tiny_next_bundle: Path, photos) -> None:
     """LLaVA-NeXT: ``original`` gives each fed row (newlines included) its place in the full pack."""
     from runtime.anyres.pipeline import AnyresPipeline
-    from tools.benchlib import TiledVision
+    from tools.benchkit.common import TiledVision
 
     vision = TiledVision(AnyresPipeline(tiny_next_bundle))
     encoded = vision.encode(photos["chelsea"])[0]
@@ -317,7 +317,7 @@ RSS_SLACK_MB = 40  # page-size rounding, allocator arenas, numpy's temporaries
 PEAK_SPANS = """
 import json, sys
 import numpy as np
-from tools.benchlib import PeakRss, _status_mb
+from tools.benchkit.common import PeakRss, _status_mb
 memory = PeakRss()
 memory.start()
 big = np.ones(int(sys.argv[1]) * 2**20 // 8)  # touched: resident
@@ -350,7 +350,7 @@ def test_peak_rss_per_span() -> None:
 
 def test_family_defaults_and_budgets(tiny_bundle: Path) -> None:
     from runtime.errors import SettingError
-    from tools.benchlib import FlatVision, TiledVision, open_vision
+    from tools.benchkit.common import FlatVision, TiledVision, open_vision
 
     flat = open_vision(tiny_bundle)
     assert isinstance(flat, FlatVision) and flat.default_tokens == (64, 128, 192)
@@ -374,7 +374,7 @@ def test_bench_on_a_llava_next_bundle(tiny_next_bundle: Path, tmp_path: Path, ca
 
     from runtime.anyres.pipeline import AnyresPipeline
     from tools.bench import main
-    from tools.benchlib import sample_images
+    from tools.benchkit.common import sample_images
 
     gguf_path = _tiny_gguf(tmp_path / "next.gguf", 64)  # the tiny projector's width: the real rows are fed
     out = tmp_path / "out"
@@ -423,7 +423,7 @@ def test_bench_runs_a_probe_strategy_on_a_llava_next_bundle(tiny_next_llm_bundle
     from runtime.anyres.pipeline import AnyresPipeline
     from runtime.llm.probe import DEFAULT_QUESTION, probe_from_manifest
     from tools.bench import BenchConfig, run_bench
-    from tools.benchlib import sample_images
+    from tools.benchkit.common import sample_images
 
     bundle = tiny_next_llm_bundle
     result = run_bench(BenchConfig(bundle, strategies=("fastv",), tokens=(64,), images=1, repeats=1, decode_tokens=2,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.reference import vision_outputs
-from export.reference_question import cdpruner_relevance, clip_image_features, clip_text_features, dpp_select
+from export.reference.pruning import vision_outputs
+from export.reference.question import cdpruner_relevance, clip_image_features, clip_text_features, dpp_select
 from runtime.dpp import relevance
 from runtime.errors import BundleError
 from runtime.pipeline import Pipeline

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import runtime.dart as dart_core
-from export.reference_question import dart_select, dart_states
+from export.reference.question import dart_select, dart_states
 from runtime.llm.probe import open_probe
 from runtime.llm.probe_scores import probe_keys
 from runtime.llm.template import Conversation, conversation_segments, encode_prompt

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.reference import entropyprune_scores, fastv_scores
+from export.reference.pruning import entropyprune_scores, fastv_scores
 from runtime.llm.backend import LlamaBackend
 from runtime.llm.probe import open_probe
 from runtime.llm.probe_scores import fastv_scores as device_fastv_scores

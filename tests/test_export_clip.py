@@ -13,7 +13,7 @@ import torch
 
 from export.clip import main
 from export.load import VisionHalf
-from export.reference_vision import check_outputs
+from export.reference.vision import check_outputs
 from export.validate import hf_vision_reference, run_onnx, validation_inputs
 from runtime.bundle.manifest import EXPORT_ID_KEY, SCHEMA, load_manifest
 from tests.bundle_files import member

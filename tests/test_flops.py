@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from runtime.strategies.registry import available
 from runtime.strategies.visionzip import contextual_count
-from tools import flops_model as flops  # the cost model's module: a monkeypatched count is what runs
-from tools.flops import main, report
-from tools.flops_model import (
+from tools.benchkit import flops_model as flops  # the cost model's module: a monkeypatched count is what runs
+from tools.benchkit.flops_model import (
     COST_MODELS,
     SHAPES,
     VisionShape,
@@ -25,6 +24,7 @@ from tools.flops_model import (
     strategy_cost,
     vision_flops,
 )
+from tools.flops import main, report
 
 LLAVA_7B, LLAVA_13B = SHAPES["llava-1.5-7b"], SHAPES["llava-1.5-13b"]
 N = 576

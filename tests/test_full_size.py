@@ -54,7 +54,7 @@ MEMORY_SLACK = 500_000_000  # bytes: the issue's target, "within 0.5 GB of the t
 
 
 def _measured_export(ckpt: Path, out: Path):
-    from tools.proctree import run_measured
+    from tools.benchkit.proctree import run_measured
 
     measured = run_measured([sys.executable, "-m", "export.clip", "--model", str(ckpt), "--out", str(out)],
                             cwd=str(REPO), label="export.clip")
@@ -66,7 +66,7 @@ def _measured_export(ckpt: Path, out: Path):
 def vitl_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """ViT-L/14-336 vision with a tiny LM, and with a 4096-wide 2-layer LM and LLaVA's padded vocab."""
     from tools.make_tiny_llava import build_tiny_llava
-    from tools.shape_checkpoint import write_shape_checkpoint
+    from tools.modelkit.shape_checkpoint import write_shape_checkpoint
 
     root = tmp_path_factory.mktemp("vitl-lm")
     return {
@@ -80,7 +80,7 @@ def test_export_clip_memory_does_not_grow_with_the_language_model(vitl_checkpoin
     """Peak resident memory of the export's process tree, tiny LM vs a 2-layer 7B-wide LM (0.99 B
     parameters: 4 GB in float32) — within 0.5 GB; the negative control, loading the whole
     checkpoint as export.clip used to, exceeds the same bound."""
-    from tools.proctree import run_measured
+    from tools.benchkit.proctree import run_measured
 
     tiny = _measured_export(vitl_checkpoints["tiny-lm"], tmp_path / "tiny")
     big = _measured_export(vitl_checkpoints["big-lm"], tmp_path / "big")

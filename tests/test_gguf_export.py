@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from export.bundle_writer import LOCK
-from export.gguf_llama import permute_qk, unpermute_qk
+from export.llm_gguf.converter import permute_qk, unpermute_qk
 from runtime.bundle.manifest import EXPORT_ID_KEY, SCHEMA
 from runtime.errors import InputError
 from tests.bundle_files import member
@@ -149,7 +149,7 @@ def test_llama_cpp_logits_match_hf(exported: Path, tiny_llava_dir: Path, tiny_ll
     import torch
     from transformers import AutoTokenizer
 
-    from export.gguf_llama import write_llama_gguf
+    from export.llm_gguf.converter import write_llama_gguf
 
     ids = AutoTokenizer.from_pretrained(tiny_llava_dir)(PROMPT).input_ids
     with torch.no_grad():
@@ -227,7 +227,7 @@ def _renamed_checkpoint(src: Path, dst: Path, style: str) -> Path:
 def test_other_key_spellings_convert_identically(
     exported: Path, tiny_llava_dir: Path, tmp_path: Path, style: str
 ) -> None:
-    from export.gguf_llama import write_llama_gguf
+    from export.llm_gguf.converter import write_llama_gguf
 
     checkpoint = _renamed_checkpoint(tiny_llava_dir, tmp_path / style, style)
     write_llama_gguf(checkpoint, tmp_path / "out.gguf", "f32")

@@ -112,7 +112,7 @@ def test_stop_scanner_is_independent_of_chunking(text: str, cuts: list[int], sto
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaVA's language model converted to an f32 GGUF."""
-    from export.gguf_llama import write_llama_gguf
+    from export.llm_gguf.converter import write_llama_gguf
 
     out = tmp_path_factory.mktemp("tiny_gguf") / "llm-f32.gguf"
     write_llama_gguf(tiny_llava_dir, out, "f32")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from export.gguf_llama import read_hparams, write_llama_gguf
+from export.llm_gguf.converter import read_hparams, write_llama_gguf
 from runtime.errors import ModelNotFoundError
 from runtime.llm.template import MISTRAL_INSTRUCT, Conversation, conversation_segments, encode_prompt
 

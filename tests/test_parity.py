@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from export.reference import prune_outputs, vision_outputs
+from export.reference.pruning import prune_outputs, vision_outputs
 from runtime.pipeline import Pipeline
 from runtime.scoring import layer_distributions
 from runtime.strategies import baselines

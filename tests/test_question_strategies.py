@@ -1,5 +1,5 @@
 """The ``cdpruner`` and ``dart`` strategies on synthetic inputs against the independent PyTorch
-reference (export/reference_question.py), with negative controls through the product's code."""
+reference (export/reference/question.py), with negative controls through the product's code."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import runtime.dart as dart_core
 import runtime.dpp as dpp_core
 import runtime.strategies.cdpruner as cdpruner_module
-from export.reference_question import DartStates, cdpruner_relevance, dart_select, dpp_select
+from export.reference.question import DartStates, cdpruner_relevance, dart_select, dpp_select
 from runtime.errors import InputError
 from runtime.llm.probe_scores import probe_keys
 from runtime.strategies.registry import get_strategy

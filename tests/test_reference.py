@@ -1,4 +1,4 @@
-"""export.reference (vision side): Hugging Face outputs and every strategy end to end."""
+"""export.reference.pruning (vision side): Hugging Face outputs and every strategy end to end."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from export import reference_vision as rv
-from export.reference import (
+from export.reference import vision as rv
+from export.reference.pruning import (
     STRATEGIES,
     feature_layer,
     prune_outputs,

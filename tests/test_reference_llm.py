@@ -1,4 +1,4 @@
-"""export.reference_llm: EntropyPrune scores, the faithful cut before layer P, FastV."""
+"""export.reference.llm: EntropyPrune scores, the faithful cut before layer P, FastV."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaForCausalLM
 
-from export.reference import (
+from export.reference.pruning import (
     entropyprune_budget,
     entropyprune_faithful,
     entropyprune_scores,
@@ -21,7 +21,7 @@ from export.reference import (
     llava_inputs_embeds,
     run_decoder_layers,
 )
-from export.reference_vision import rank_descending
+from export.reference.vision import rank_descending
 from runtime.errors import InputError
 
 P = 2  # EntropyPrune's pruning layer for LLaVA-1.5 (method.md §2)

@@ -1,4 +1,4 @@
-"""export.reference_vision: the PyTorch reference's selection pieces on synthetic tensors."""
+"""export.reference.vision: the PyTorch reference's selection pieces on synthetic tensors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export import reference_vision as rv
+from export.reference import vision as rv
 from runtime.errors import InputError
 
 N = 576

@@ -1,4 +1,5 @@
-"""tools/proctree.py (process-tree memory and disk accounting) and tools/rehearse.py (the main job, measured)."""
+"""tools/benchkit/proctree.py (process-tree memory and disk accounting) and tools/rehearse.py (the main job,
+measured)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime.errors import InputError
-from tools.proctree import run_measured
+from tools.benchkit.proctree import run_measured
 from tools.rehearse import STAGES, RehearsalConfig, chat_ttft, command, last_line, main
 
 MB = 1_000_000

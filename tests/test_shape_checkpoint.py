@@ -1,4 +1,4 @@
-"""The full-size-shaped random LLaVA writer (tools/shape_checkpoint.py) on a reduced ShapeSpec.
+"""The full-size-shaped random LLaVA writer (tools/modelkit/shape_checkpoint.py) on a reduced ShapeSpec.
 
 The reduced spec keeps what the tools downstream rely on (vocab 32064, LLaMA's 32,000-piece
 tokenizer layout, <image> = 32000, <pad> = 32001, 336 px / patch 14) at small widths, and a small
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tools.shape_checkpoint import (
+from tools.modelkit.shape_checkpoint import (
     INDEX_NAME,
     SHAPES,
     ShapeSpec,
@@ -43,7 +43,7 @@ PLAIN_TEXTS = (  # no leading space: HF's legacy Metaspace and SentencePiece dif
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trained 32,000-piece tokenizer.model, built once for the module (~3 s)."""
-    from tools.llama_tokenizer import train_llama_spm
+    from tools.modelkit.llama_tokenizer import train_llama_spm
 
     return train_llama_spm(tmp_path_factory.mktemp("spm"))
 
@@ -173,7 +173,7 @@ def test_tokenizer_layout(checkpoints: dict[str, Path]) -> None:
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from export.gguf_vocab import read_spm_vocab
+    from export.llm_gguf.vocab import read_spm_vocab
 
     ckpt = checkpoints["hub"]
     sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
@@ -195,8 +195,8 @@ def test_tokenizer_layout(checkpoints: dict[str, Path]) -> None:
 def test_padded_tokenizer_fillers_are_never_produced(tmp_path: Path) -> None:
     import sentencepiece as spm
 
-    from tools.llama_tokenizer import filler_piece, train_llama_spm
-    from tools.llava_parts import llava_tokenizer
+    from tools.modelkit.llama_tokenizer import filler_piece, train_llama_spm
+    from tools.modelkit.llava_parts import llava_tokenizer
 
     model = train_llama_spm(tmp_path, max_chars=20_000)  # too little text for 32,000 merges
     sp = spm.SentencePieceProcessor(model_file=str(model))

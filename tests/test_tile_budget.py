@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.reference_anyres import equal_budgets, perplexity_budgets
+from export.reference.anyres import equal_budgets, perplexity_budgets
 from runtime.anyres import tile_budget
 from runtime.anyres.tile_budget import MODES, perplexity_quotas, split_tile_budget
 from runtime.errors import InputError

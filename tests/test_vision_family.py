@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export.onnx_export import export_tower
-from export.reference_vision import tower_outputs
+from export.reference.vision import tower_outputs
 from export.validate import ValidationFailed, checked_table, run_onnx, validate_tower, validation_inputs
 from export.vision import IdentityProjector, VisionTowerWithAttention
 from export.vision_family import (

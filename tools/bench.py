@@ -53,9 +53,9 @@ from runtime.llm.probe import LlamaProbe, probe_from_manifest
 from runtime.llm.prompt_cache import ImageRows
 from runtime.llm.template import Conversation, PromptTokens, conversation_segments, encode_prompt, get_template
 from runtime.strategies.registry import available, get_strategy
-from tools.bench_report import mtmd_markdown, result_markdown, write_outputs
-from tools.bench_types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
-from tools.benchlib import PeakRss, decode_greedy_ms, median, open_vision, sample_images, timed_ms
+from tools.benchkit.common import PeakRss, decode_greedy_ms, median, open_vision, sample_images, timed_ms
+from tools.benchkit.report import mtmd_markdown, result_markdown, write_outputs
+from tools.benchkit.types import RANDOM_ROW_STD, STAGES, BenchConfig, BenchResult, LlmInfo, StageRow
 
 TOKENIZER_CTX = 64  # the context held open with the model: it only tokenizes, each run opens its own
 WARMUP_ROWS = 32  # rows of the warm-up prefill (enough to touch every weight)
@@ -83,7 +83,7 @@ def _random_rows(count: int, width: int) -> np.ndarray:
 
 def _cut_probe(config: BenchConfig, manifest: Any, stack: ExitStack, n_ctx: int) -> LlamaProbe:
     """A probe cut from ``--gguf`` at the bundle's probe layer, in a temporary directory."""
-    from export.gguf_probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
+    from export.llm_gguf.probe import read_probe_weights, save_probe_weights, write_final_probe_gguf, write_probe_gguf
 
     layer = manifest.llm.probe.layer
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-probe-")))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from runtime.anyres.pipeline import AnyresPipeline
 from runtime.cli import OneLineParser, log, run_cli
-from tools.benchlib import TiledVision, markdown_table, median
+from tools.benchkit.common import TiledVision, markdown_table, median
 
 
 def bench_anyres(bundle: Path, size: tuple[int, int], strategies: list[str], budgets: list[int], repeats: int,

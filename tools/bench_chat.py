@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from PIL import Image  # noqa: E402
 
 from runtime.cli import OneLineParser, log, positive_int, run_cli  # noqa: E402
-from tools.benchlib import markdown_table, sample_images  # noqa: E402
+from tools.benchkit.common import markdown_table, sample_images  # noqa: E402
 
 SCRIPT = (  # (question, image index to switch to before it, or None)
     ("What is shown in this image? Describe it in detail.", 0),

@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.cli import OneLineParser, log, run_cli
 from runtime.llm.backend import LlamaBackend
-from tools.benchlib import decode_greedy_ms, markdown_table
+from tools.benchkit.common import decode_greedy_ms, markdown_table
 
 DEFAULT_ROWS = (16, 32, 64, 128, 192, 288, 576)
 DECODE_AFTER_ROWS = 64

@@ -26,7 +26,7 @@ import numpy as np
 from runtime.errors import UserError
 from runtime.llm.backend import set_llama_logging
 from runtime.pipeline import Pipeline
-from tools.benchlib import median, sample_images, timed_ms
+from tools.benchkit.common import median, sample_images, timed_ms
 
 MTMD_FUNCTIONS = ("mtmd_context_params_default", "mtmd_init_from_file", "mtmd_free", "mtmd_support_vision",
                   "mtmd_bitmap_init", "mtmd_bitmap_free", "mtmd_input_chunks_init", "mtmd_input_chunks_free",

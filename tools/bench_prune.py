@@ -23,7 +23,7 @@ from runtime.cli import OneLineParser, log, run_cli
 from runtime.llm.probe import DEFAULT_QUESTION
 from runtime.pipeline import Pipeline
 from runtime.strategies.registry import TEXT_TOWER, available, get_strategy
-from tools.benchlib import markdown_table, sample_images
+from tools.benchkit.common import markdown_table, sample_images
 
 
 def probe_for(pipeline: Pipeline, question: str = DEFAULT_QUESTION):

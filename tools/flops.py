@@ -69,7 +69,7 @@ from runtime.cli import OneLineParser, log, run_cli
 from runtime.errors import InputError
 from runtime.model_registry import load_spec
 from runtime.strategies.registry import available, get_strategy
-from tools.flops_model import (
+from tools.benchkit.flops_model import (
     COST_MODELS,
     LLAVA_15,
     MLP_FORMULAS,

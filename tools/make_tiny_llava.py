@@ -9,7 +9,7 @@ The vision tower has LLaVA-1.5's geometry (image 336, patch 14, 576 patches, 24 
 tokenizer is a byte-fallback SentencePiece BPE trained here on a generated corpus (the same
 kind of model as LLaMA's), with ``<image>`` and ``<pad>`` added as LLaVA-hf does. ``OUT/clip`` is
 the CLIP checkpoint of the same vision tower with a small text tower and a CLIP BPE tokenizer
-(``tools/tiny_clip.py``), as ``openai/clip-vit-large-patch14-336`` is to LLaVA-1.5.
+(``tools/modelkit/tiny_clip.py``), as ``openai/clip-vit-large-patch14-336`` is to LLaVA-1.5.
 ``--family llava-next`` writes a ``LlavaNextForConditionalGeneration`` with the same towers and tokenizer,
 llava-hf v1.6's ``image_grid_pinpoints``, a random O(1) ``image_newline`` and a ``LlavaNextProcessor``
 (PIL image processor: shortest edge and crop 336). ``--lm mistral`` gives it LLaVA-NeXT Mistral's kind of
@@ -24,7 +24,7 @@ in trained CLIP, and rankings have clear margins (the tests assert the margins t
 ``--full-vision`` gives the ViT-L/14-336 width (1024, 16 heads) and CLIP-L's text tower (12 layers,
 width 768) in ``OUT/clip`` for benchmarks.
 ``--shape`` instead writes random weights with the real llava-1.5-7b/13b configs, tensor names and
-tokenizer layout, shard by shard (see ``tools/shape_checkpoint.py``).
+tokenizer layout, shard by shard (see ``tools/modelkit/shape_checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.anyres.preprocess import LLAVA_NEXT_PINPOINTS
-from tools.llava_parts import (
+from tools.modelkit.llava_parts import (
     IMAGE,
     PATCH,
     QK_GAIN,
@@ -47,7 +47,7 @@ from tools.llava_parts import (
     write_next_processor,
     write_processor,
 )
-from tools.tiny_clip import CLIP_L_TEXT, TextTowerShape, build_tiny_clip
+from tools.modelkit.tiny_clip import CLIP_L_TEXT, TextTowerShape, build_tiny_clip
 
 CLIP_FOLDER = "clip"  # OUT/clip: the CLIP checkpoint the vision tower came from (cdpruner's text side)
 
@@ -229,7 +229,7 @@ def _positive(kind: type) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     from runtime.cli import OneLineParser
-    from tools.shape_checkpoint import LAYOUTS, SHAPE_NAMES
+    from tools.modelkit.shape_checkpoint import LAYOUTS, SHAPE_NAMES
 
     parser = OneLineParser(prog="make_tiny_llava", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="directory to write the checkpoint into")
@@ -244,7 +244,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="CLIP blocks of the tiny model (default: 24)")
     parser.add_argument("--full-vision", action="store_true",
                         help="ViT-L/14-336 width (1024, 16 heads) instead of the tiny one")
-    shape = parser.add_argument_group("full-size-shaped checkpoint (tools/shape_checkpoint.py)")
+    shape = parser.add_argument_group("full-size-shaped checkpoint (tools/modelkit/shape_checkpoint.py)")
     shape.add_argument("--shape", choices=SHAPE_NAMES, default=None,
                        help="write random weights with this model's real configs and tokenizer layout")
     shape.add_argument("--layout", choices=LAYOUTS, default=None,
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                                          vision_width=width, vision_heads=heads,
                                          clip_text=CLIP_L_TEXT if args.full_vision else None, **lm)
         else:
-            from tools.shape_checkpoint import write_shape_checkpoint
+            from tools.modelkit.shape_checkpoint import write_shape_checkpoint
 
             path = write_shape_checkpoint(
                 args.out, args.shape, layout=args.layout or "hub", text_layers=args.text_layers,

@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from runtime.atomic import write_json_atomic  # noqa: E402
 from runtime.cli import OneLineParser, log, run_cli  # noqa: E402
 from runtime.errors import InputError, UserError  # noqa: E402
-from tools.proctree import Measured, run_measured  # noqa: E402
-from tools.rehearse_report import FileSizes, file_sizes, report  # noqa: E402
+from tools.benchkit.proctree import Measured, run_measured  # noqa: E402
+from tools.benchkit.rehearse_report import FileSizes, file_sizes, report  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_QUESTION = "What is shown in this image? Describe it in detail."

@@ -8,7 +8,7 @@ attention kernels return no attention probabilities.
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
     result = reference_prune(model, pixel_values, "entropy", 64)  # result.embeddings: [64, E]
 
-The language-model side (EntropyPrune, FastV) lives in :mod:`export.reference_llm` and is
+The language-model side (EntropyPrune, FastV) lives in :mod:`export.reference.llm` and is
 re-exported here.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from export.reference_llm import (  # noqa: F401  (re-exported public API)
+from export.reference.llm import (  # noqa: F401  (re-exported public API)
     FaithfulResult,
     LlmInputs,
     entropyprune_budget,
@@ -34,7 +34,7 @@ from export.reference_llm import (  # noqa: F401  (re-exported public API)
     llava_inputs_embeds,
     run_decoder_layers,
 )
-from export.reference_vision import (
+from export.reference.vision import (
     RULES,
     TokenSet,
     attention_entropy,

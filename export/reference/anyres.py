@@ -11,13 +11,13 @@ modules (only its error type):
 - **Budget**: ``equal`` split (method.md §5) dealt one token at a time (a plain loop); ``perplexity``
   in exact rationals (``fractions.Fraction``), each tile weighted by ``exp`` of its head-mean [CLS]
   entropy over its candidates at the deep layer the entropy rule picks for that tile.
-- **Vision strategies** (``export.reference.STRATEGIES``): each tile's tower outputs restricted to its
-  candidates, then :func:`export.reference.prune_outputs` with its k_t (merging stays in the tile).
+- **Vision strategies** (``export.reference.pruning.STRATEGIES``): each tile's tower outputs restricted to its
+  candidates, then :func:`export.reference.pruning.prune_outputs` with its k_t (merging stays in the tile).
 - **Probe strategies** (``fastv``, ``entropyprune``, ``dart``): the language model runs once on
   ``prefix ids + get_image_features' rows (all of them, newlines included) + suffix ids``; the
-  layer-(P−1) scores of every row come from :mod:`export.reference_llm` (FastV: eager attention
+  layer-(P−1) scores of every row come from :mod:`export.reference.llm` (FastV: eager attention
   probabilities of the last row; EntropyPrune: head entropy of the queries) or
-  :mod:`export.reference_question` (DART's keys and final-norm states); each tile keeps the top k_t
+  :mod:`export.reference.question` (DART's keys and final-norm states); each tile keeps the top k_t
   of its candidates' scores (DART: its own image pivots among its candidates, the text after the
   image as text pivots). Newline rows are never candidates.
 - **Rows fed**: the kept patches in HF's pack order, each grid row that kept a token followed by
@@ -35,10 +35,10 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from export.reference import STRATEGIES, EntropyOptions, ReferenceVision, prune_outputs, vision_outputs
-from export.reference_llm import entropyprune_scores, fastv_scores
-from export.reference_question import DartStates, dart_select, dart_states
-from export.reference_vision import attention_entropy, choose_layers, head_mean_distribution, rank_descending
+from export.reference.llm import entropyprune_scores, fastv_scores
+from export.reference.pruning import STRATEGIES, EntropyOptions, ReferenceVision, prune_outputs, vision_outputs
+from export.reference.question import DartStates, dart_select, dart_states
+from export.reference.vision import attention_entropy, choose_layers, head_mean_distribution, rank_descending
 from runtime.errors import InputError
 
 PROBE_STRATEGIES = ("fastv", "entropyprune", "dart")
@@ -136,8 +136,8 @@ def reference_anyres(model: nn.Module, pixel_values: Tensor, image_size: Sequenc
     """[T, 3, S, S] tiles (base first) of an image of ``image_size`` (h, w) -> per-tile results and rows.
 
     ``prompt`` (prefix ids, suffix ids) around the image is needed by the probe strategies; ``P`` is
-    their pruning layer; ``options`` go to the vision strategy (``export.reference.make_options``);
-    ``vision``: the tiles' :func:`export.reference.vision_outputs` (B = T) when already computed;
+    their pruning layer; ``options`` go to the vision strategy (``export.reference.pruning.make_options``);
+    ``vision``: the tiles' :func:`export.reference.pruning.vision_outputs` (B = T) when already computed;
     ``tile_budget``: ``equal`` or ``perplexity`` (its layer rule: the entropy options in ``options``,
     else their defaults).
     """

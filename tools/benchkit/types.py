@@ -1,4 +1,4 @@
-"""What tools/bench.py measures and returns, shared with its report writer (tools/bench_report.py)."""
+"""What tools/bench.py measures and returns, shared with its report writer (tools/benchkit/report.py)."""
 
 from __future__ import annotations
 

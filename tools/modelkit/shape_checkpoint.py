@@ -2,7 +2,7 @@
 
 ``write_shape_checkpoint(out, "llava-1.5-7b")`` writes what llava-hf/llava-1.5-7b-hf holds, with
 random values: config.json, fp16 safetensors shards plus ``model.safetensors.index.json``, a
-32,000-piece LLaMA-layout tokenizer (``tools/llama_tokenizer.py``) with ``<image>`` = 32000 and
+32,000-piece LLaMA-layout tokenizer (``tools/modelkit/llama_tokenizer.py``) with ``<image>`` = 32000 and
 ``<pad>`` = 32001, and the LLaVA processor. Tensor names and shapes come from transformers itself
 (the model instantiated on the meta device); ``layout="hub"`` renames them as llava-hf's files
 (``language_model.model.*``, ``vision_tower.vision_model.*``), ``"transformers5"`` keeps them.
@@ -38,7 +38,7 @@ import numpy as np
 
 from runtime.cli import log
 from runtime.errors import InputError
-from tools.llama_tokenizer import IMAGE_TOKEN_INDEX, PAD_TOKEN_ID, write_llava_tokenizer
+from tools.modelkit.llama_tokenizer import IMAGE_TOKEN_INDEX, PAD_TOKEN_ID, write_llava_tokenizer
 
 SHARD_BYTES = 2_000_000_000
 INDEX_NAME = "model.safetensors.index.json"
@@ -199,7 +199,7 @@ def vision_tensors(config: Any, seed: int) -> dict[str, np.ndarray]:
     from transformers import CLIPVisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    from tools.llava_parts import QK_GAIN, sharpen_attention
+    from tools.modelkit.llava_parts import QK_GAIN, sharpen_attention
 
     torch.manual_seed(seed)
     tower = CLIPVisionModel(config.vision_config)

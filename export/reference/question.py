@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from export.reference_llm import _check_layer, _language_model, _run_lm
+from export.reference.llm import _check_layer, _language_model, _run_lm
 from runtime.errors import InputError
 
 RANK_SPENT = 1e-10  # method.md §7.5: a best gain at or below this ends the greedy loop

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from export.checkpoint import Checkpoint
-from export.gguf_vocab import SpmVocab, read_spm_vocab
+from export.llm_gguf.vocab import SpmVocab, read_spm_vocab
 from runtime.atomic import atomic_path
 from runtime.bundle.manifest import EXPORT_ID_KEY
 from runtime.errors import ModelNotFoundError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.benchlib import markdown_table
+from tools.benchkit.common import markdown_table
 
 GB = 1e9  # decimal gigabytes throughout
 TARGET_FACTOR = 1.5  # chat should fit in 1.5 x (GGUF + int8 vision ONNX + projector)

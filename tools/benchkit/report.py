@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.atomic import write_atomic, write_json_atomic
-from tools.bench_types import STAGES, BenchResult
-from tools.benchlib import markdown_table
+from tools.benchkit.common import markdown_table
+from tools.benchkit.types import STAGES, BenchResult
 
 CSV_COLUMNS = ("strategy", "tokens", "newline_rows", "rows_fed", *(f"{s}_ms" for s in STAGES), "ttft_ms",
                "decode_tokens_per_s", "prefill_positions", "runs", "peak_rss_mb")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from export.reference_vision import rank_descending
+from export.reference.vision import rank_descending
 from runtime.errors import InputError
 
 EIG_FLOOR = 1e-10  # method.md §2: eigenvalues of G_t clipped below before the log

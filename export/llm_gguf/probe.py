@@ -18,7 +18,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from export.gguf_llama import unpermute_qk
+from export.llm_gguf.converter import unpermute_qk
 from runtime.atomic import atomic_path, write_atomic
 from runtime.bundle.manifest import EXPORT_ID_KEY
 from runtime.errors import BundleError

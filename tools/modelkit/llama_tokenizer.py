@@ -119,7 +119,7 @@ def pad_pieces(model: Path, pieces: int) -> int:
 def write_llava_tokenizer(out: Path, image_size: int, patch_size: int, tokenizer_model: Path | None = None) -> None:
     """tokenizer.model (trained, or copied from ``tokenizer_model``), HF tokenizer files and the processor."""
     from runtime.cli import log
-    from tools.llava_parts import llava_tokenizer, write_processor
+    from tools.modelkit.llava_parts import llava_tokenizer, write_processor
 
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         staging = Path(tmp)
