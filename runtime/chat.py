@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from runtime.assistant import Assistant, Settings
+        from runtime.assistant import Assistant
         from runtime.preprocess import load_image
+        from runtime.turn import Settings
 
         if args.prompt is not None and not _is_utf8(args.prompt):
             raise UserError("--prompt is not valid UTF-8 text")

@@ -126,8 +126,9 @@ def test_a_15_bundle_is_refused(tiny_bundle: Path) -> None:
 def test_chat_answers_about_a_next_image(tiny_next_llm_bundle: Path, tmp_path_factory, photos, capsys) -> None:
     """export.llm on the NeXT checkpoint, then runtime.chat feeds the packed rows (newlines included)
     to llama.cpp; the pruned rows are what AnyresPipeline gives."""
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
     from runtime.chat import main as chat
+    from runtime.turn import Settings
 
     bundle = tiny_next_llm_bundle
     photo = tmp_path_factory.mktemp("next_photo") / "chelsea.png"

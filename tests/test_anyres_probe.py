@@ -253,7 +253,8 @@ def test_llama_probe_picks_the_reference_rows(next_llm_bundle: Path, tiny_next_m
 @pytest.mark.llm
 def test_chat_prunes_a_next_image_with_the_probe(next_llm_bundle: Path, photos) -> None:
     """The Assistant binds its probe for NeXT bundles too: fastv per tile over every packed row."""
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
+    from runtime.turn import Settings
 
     engine = Assistant.open(next_llm_bundle, Settings(temperature=0, max_tokens=2, tokens=100, strategy="fastv"),
                             n_ctx=2048)

@@ -178,11 +178,10 @@ def test_sigterm_during_export_llm_removes_the_intermediate(tiny_llava_dir: Path
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     code = (
-        "import os, signal, sys, export.llm as m\n"
-        "real = m.quantize_gguf\n"
+        "import os, signal, sys, export.llm as m, export.llm_gguf.files as files\n"
         "def slow(*a, **k):\n"
         "    print('quantising', flush=True); signal.pause()\n"
-        "m.quantize_gguf = slow\n"
+        "files.quantize_gguf = slow\n"
         f"sys.exit(m.main(['--model', {str(tiny_llava_dir)!r}, '--out', {str(bundle)!r}, '--quant', 'q8_0']))\n"
     )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -170,9 +170,10 @@ def test_refused_strategy_is_one_line_before_sessions_load(tiny_bundle: Path, tm
 def test_chat_refuses_a_strategy_the_bundle_cannot_run(tiny_llm_bundle: Path, tmp_path: Path, photos,
                                                        capsys) -> None:
     """runtime.chat (and the server's Assistant) refuse in one line at start, and on a switch."""
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
     from runtime.chat import main as chat
     from runtime.errors import BundleError
+    from runtime.turn import Settings
 
     bundle = _copy_with(tiny_llm_bundle, tmp_path, lambda d: d.pop("text_tower"))
     photo = tmp_path / "chelsea.png"

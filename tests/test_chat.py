@@ -90,8 +90,8 @@ def test_errors_are_one_line_and_the_loop_goes_on() -> None:
 
 def test_settings_name_the_field_not_a_flag() -> None:
     """The library speaks keyword arguments; only the CLI layer knows flags."""
-    from runtime.assistant import Settings
     from runtime.errors import SettingError
+    from runtime.turn import Settings
 
     with pytest.raises(SettingError, match=r"^max_tokens must be >= 1, got 0$") as info:
         Settings(max_tokens=0)
@@ -229,7 +229,8 @@ def test_memory_options_answer(tiny_llm_bundle: Path, photo: Path, capsys, optio
 # --- the conversation engine on the real tiny bundle (issue: multi-turn, options, context) -------
 @pytest.fixture()
 def assistant(tiny_llm_bundle: Path):
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
+    from runtime.turn import Settings
 
     engine = Assistant.open(tiny_llm_bundle, Settings(temperature=0, max_tokens=6, options={"rule": "max-max"}),
                             n_ctx=300)
@@ -278,7 +279,8 @@ def test_history_prune_cache_and_partial_answers(assistant, photos) -> None:
 
 @pytest.mark.llm
 def test_context_limit_is_said_and_old_turns_are_dropped(tiny_llm_bundle: Path, photos) -> None:
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
+    from runtime.turn import Settings
 
     engine = Assistant.open(tiny_llm_bundle, Settings(temperature=0, max_tokens=200), n_ctx=200)
     try:

@@ -240,8 +240,8 @@ def test_other_key_spellings_convert_identically(
 
 @pytest.mark.llm
 def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    import export.llm
     from export.llm import export_llm
+    from export.llm_gguf.quantize import QUANTS
 
     out = _bundle(tmp_path / "q8")
     entry = export_llm(str(tiny_llava_dir), quant="q8_0", out=out).entry
@@ -258,8 +258,8 @@ def test_quantized_export_and_force(exported: Path, tiny_llava_dir: Path, tmp_pa
     steps = _q8_steps(member(out, "llm"), member(exported, "llm"))
     assert max(steps.values()) <= Q8_STEPS, {k: round(v, 2) for k, v in steps.items() if v > Q8_STEPS}
     # Negative control: the same export with llama_ftype 2 (Q4_0) where 7 (Q8_0) belongs, a plausible
-    # slip in export.llm's QUANTS table, must fail the same bound.
-    monkeypatch.setitem(export.llm.QUANTS, "q8_0", 2)
+    # slip in the QUANTS table (export.llm_gguf.quantize), must fail the same bound.
+    monkeypatch.setitem(QUANTS, "q8_0", 2)
     coarse = _bundle(tmp_path / "q8-wrong-ftype")
     export_llm(str(tiny_llava_dir), quant="q8_0", out=coarse)
     coarse_reader = gguf.GGUFReader(member(coarse, "llm"))

@@ -189,7 +189,7 @@ RUNTIME_LEVELS: tuple[tuple[str, ...], ...] = (
     ("runtime.strategies",),
     ("runtime.pipeline",),
     ("runtime.anyres",),
-    ("runtime.assistant", "runtime.chat", "runtime.prune", "runtime.serve"),
+    ("runtime.assistant", "runtime.chat", "runtime.prune", "runtime.serve", "runtime.turn"),
 )
 
 

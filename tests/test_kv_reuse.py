@@ -107,7 +107,8 @@ def test_overflowing_prompt_evaluates_nothing(tiny_llm_bundle: Path) -> None:
 def test_assistant_turns_reuse_the_cache(tiny_llm_bundle: Path, photos) -> None:
     """The chat engine: turn 2 evaluates only its new tokens; a new image and /tokens cut at the image;
     /reset keeps the system prefix; a text-only chat works."""
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
+    from runtime.turn import Settings
 
     assistant = Assistant.open(tiny_llm_bundle, Settings(temperature=0, max_tokens=4))
     try:

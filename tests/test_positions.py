@@ -117,7 +117,7 @@ def test_pruned_anyres_rows_follow_the_pack() -> None:
     rows = np.zeros((order.num_rows, 2), np.float32)
     pruned = PrunedAnyres(rows, order, (), "fake", layout.total_rows, (500, 1000), (1, 2))
     original = pruned.image_rows("k", "original")
-    np.testing.assert_array_equal(original.offsets, [3, 576, 600, 624])  # anyres_pack.pack_kept's example
+    np.testing.assert_array_equal(original.offsets, [3, 576, 600, 624])  # runtime.anyres.pack.pack_kept's example
     assert original.width == layout.total_rows
     assert pruned.image_rows("k").positions is None
 
@@ -193,7 +193,8 @@ def test_llava15_chat_continuation_with_original_positions(llava, photos) -> Non
 
 @pytest.mark.llm
 def test_assistant_feeds_original_positions(tiny_llm_bundle: Path, photos) -> None:
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
+    from runtime.turn import Settings
 
     assistant = Assistant.open(tiny_llm_bundle, Settings(tokens=32, temperature=0, max_tokens=3, positions="original"))
     try:
@@ -273,8 +274,8 @@ def test_prune_json_reports_positions(tiny_bundle: Path, photos, tmp_path: Path,
 
 
 def test_server_request_sets_positions() -> None:
-    from runtime.assistant import Settings
     from runtime.serve.api import APIError, ChatRequest, settings_changes
+    from runtime.turn import Settings
 
     def changes(**fields) -> dict:
         return settings_changes(ChatRequest(messages=[{"role": "user", "content": "hi"}], **fields), Settings())

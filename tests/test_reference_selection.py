@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from export.reference import baselines as rb
 from export.reference import vision as rv
 from runtime.errors import InputError
 
@@ -58,7 +59,7 @@ def test_choose_layers_ties_and_validation() -> None:
 def test_split_budget_and_visionzip_contextual() -> None:
     assert rv.split_budget(64, 0.4) == rv.BudgetSplit(26, 38)
     assert rv.split_budget(5, 0.5) == rv.BudgetSplit(3, 2)  # halves round up
-    assert [rv.visionzip_contextual(k) for k in (64, 128, 192, 16, 1)] == [10, 20, 30, 3, 0]
+    assert [rb.visionzip_contextual(k) for k in (64, 128, 192, 16, 1)] == [10, 20, 30, 3, 0]
 
 
 def test_rank_and_dual_select_hand_case() -> None:
@@ -77,8 +78,8 @@ def test_merge_uniform_cosine_hand_cases() -> None:
     merged = rv.merge_into_kept(x, torch.tensor([0, 1]))
     np.testing.assert_allclose(merged.tokens.numpy(), [[2.0, 0.0], [0.0, 1.0]], rtol=0, atol=EXACT)
     np.testing.assert_array_equal(merged.counts.numpy(), [2, 1])
-    np.testing.assert_array_equal(rv.uniform_indices(8, 2).numpy(), [2, 6])
-    np.testing.assert_array_equal(rv.uniform_indices(N, 64).numpy()[:3], [4, 13, 22])
+    np.testing.assert_array_equal(rb.uniform_indices(8, 2).numpy(), [2, 6])
+    np.testing.assert_array_equal(rb.uniform_indices(N, 64).numpy()[:3], [4, 13, 22])
     cos = rv.cosine_matrix(
         torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     )
@@ -91,7 +92,7 @@ def test_visionzip_hand_case() -> None:
     # N=6, K=6 -> C=1: five dominant by head-summed attention, one contextual from the rest
     x = torch.arange(12, dtype=torch.float32).view(6, 2)
     attn = torch.tensor([[0.0, 0.3, 0.1, 0.2, 0.2, 0.2], [0.1, 0.0, 0.1, 0.0, 0.1, 0.1]])
-    got = rv.visionzip_select(x, attn, torch.eye(6, 2), budget=6)
+    got = rb.visionzip_select(x, attn, torch.eye(6, 2), budget=6)
     np.testing.assert_array_equal(got.kept.numpy(), [1, 2, 3, 4, 5, 0])
     np.testing.assert_array_equal(got.counts.numpy(), [1, 1, 1, 1, 1, 1])
     np.testing.assert_allclose(
@@ -100,7 +101,7 @@ def test_visionzip_hand_case() -> None:
     # N=8, K=7 -> C=1: 6 dominant, remaining [6, 7]: target 6, member 7 (equal keys)
     x8 = torch.arange(16, dtype=torch.float32).view(8, 2)
     attn8 = torch.tensor([[8.0, 7, 6, 5, 4, 3, 2, 1]])
-    got8 = rv.visionzip_select(x8, attn8, torch.ones(8, 3), budget=7)
+    got8 = rb.visionzip_select(x8, attn8, torch.ones(8, 3), budget=7)
     np.testing.assert_array_equal(got8.kept.numpy(), [0, 1, 2, 3, 4, 5, 6])
     np.testing.assert_array_equal(got8.counts.numpy(), [1, 1, 1, 1, 1, 1, 2])
     np.testing.assert_allclose(got8.tokens[-1].numpy(), (x8[6] + x8[7]).numpy(), rtol=0, atol=EXACT)
@@ -108,8 +109,8 @@ def test_visionzip_hand_case() -> None:
 
 def test_divprune_hand_case() -> None:
     e = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])
-    np.testing.assert_array_equal(rv.divprune_select(e, 2).numpy(), [0, 2])
-    np.testing.assert_array_equal(rv.divprune_select(e, 3).numpy(), [0, 1, 2])
+    np.testing.assert_array_equal(rb.divprune_select(e, 2).numpy(), [0, 2])
+    np.testing.assert_array_equal(rb.divprune_select(e, 3).numpy(), [0, 1, 2])
 
 
 # --- selection pieces: seeded random cases against slow loop references ---------------------------
@@ -182,7 +183,7 @@ def test_visionzip_matches_loop(seed: int) -> None:
         if j not in groups:
             groups[max(targets, key=lambda t: (_cos(keys[j], keys[t]), -t))].append(j)
     context = [x[t] + (np.mean(x[g], axis=0) if g else 0.0) for t, g in groups.items()]
-    got = rv.visionzip_select(
+    got = rb.visionzip_select(
         torch.from_numpy(x), torch.from_numpy(attn), torch.from_numpy(keys), k
     )
     np.testing.assert_array_equal(got.kept.numpy(), dominant + targets)
@@ -202,7 +203,7 @@ def test_visionzip_matches_loop(seed: int) -> None:
 def test_divprune_matches_loop(seed: int) -> None:
     e = np.random.default_rng(seed).standard_normal((30, 6))
     np.testing.assert_array_equal(
-        rv.divprune_select(torch.from_numpy(e), 9).numpy(), _divprune_loop(e, 9)
+        rb.divprune_select(torch.from_numpy(e), 9).numpy(), _divprune_loop(e, 9)
     )
 
 
@@ -242,14 +243,14 @@ def test_entropy_selection_properties(n: int, frac: float, p_s: float, seed: int
 def test_baseline_budgets_properties(n: int, frac: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     k = max(1, round(frac * n))
-    for kept in (rv.uniform_indices(n, k), rv.divprune_select(torch.randn(n, 4, generator=gen), k)):
+    for kept in (rb.uniform_indices(n, k), rb.divprune_select(torch.randn(n, 4, generator=gen), k)):
         assert kept.shape == (k,) and bool((kept[1:] > kept[:-1]).all()) and 0 <= int(kept[0])
         assert int(kept[-1]) < n
-    zipped = rv.visionzip_select(
+    zipped = rb.visionzip_select(
         torch.randn(n, 3, generator=gen),
         torch.rand(2, n, generator=gen),
         torch.randn(n, 2, generator=gen),
         k,
     )
     assert zipped.kept.shape == (k,) and len(set(zipped.kept.tolist())) == k
-    assert int(zipped.counts.sum()) == (n if rv.visionzip_contextual(k) else k)
+    assert int(zipped.counts.sum()) == (n if rb.visionzip_contextual(k) else k)

@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.assistant import Assistant, Settings
+from runtime.assistant import Assistant
 from runtime.serve.api import APIError, ChatRequest, Limits, settings_changes
 from runtime.serve.app import ServeConfig, create_app
 from runtime.serve.cli import listen, main, make_server
+from runtime.turn import Settings
 
 pytestmark = pytest.mark.llm
 

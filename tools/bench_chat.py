@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from runtime.assistant import Assistant, Settings
+        from runtime.assistant import Assistant
         from runtime.model_registry import bundle_path
+        from runtime.turn import Settings
 
         images = [Image.fromarray(image) for image in sample_images(3)]  # the third only warms up
         settings = Settings(tokens=args.tokens, max_tokens=args.max_tokens, temperature=0.0)

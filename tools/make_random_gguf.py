@@ -163,7 +163,7 @@ def make_random_gguf(out: Path, shape: Shape, quant: str = "q4_0", seed: int = 0
         with atomic_path(out) as tmp:
             write_random_gguf(tmp, shape, quant, seed)
         return out
-    from export.llm import QUANTS, quantize_gguf
+    from export.llm_gguf.quantize import QUANTS, quantize_gguf
 
     if quant not in QUANTS:
         raise InputError(f"unknown quant {quant!r}; choose from {sorted(set(FTYPE) | set(QUANTS))}")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from export.reference.baselines import divprune_select, uniform_indices, visionzip_contextual, visionzip_select
 from export.reference.llm import (  # noqa: F401  (re-exported public API)
     FaithfulResult,
     LlmInputs,
@@ -40,16 +41,12 @@ from export.reference.vision import (
     attention_entropy,
     attention_kl,
     choose_layers,
-    divprune_select,
     dual_layer_select,
     head_mean_distribution,
     merge_into_kept,
     rank_descending,
     split_budget,
     tower_outputs,
-    uniform_indices,
-    visionzip_contextual,
-    visionzip_select,
 )
 from runtime.errors import InputError
 from runtime.model_registry import PruningDefaults

@@ -117,12 +117,12 @@ class TokenSet:
     counts: Tensor  # [K] int64 patches each token stands for
 
 
-def _check(t: Tensor, ndim: int, what: str) -> None:
+def check_ndim(t: Tensor, ndim: int, what: str) -> None:
     if t.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dims, got shape {tuple(t.shape)}")
 
 
-def _check_budget(budget: int, n: int) -> None:
+def check_budget(budget: int, n: int) -> None:
     if not 1 <= budget <= n:
         raise InputError(f"budget K must satisfy 1 <= K <= N={n}, got {budget}")
 
@@ -132,7 +132,7 @@ def head_mean_distribution(cls_attn: Tensor) -> Tensor:
 
     Example: rows [[[0.2, 0.2], [0.4, 0.0]]] (f=1, H=2, N=2) -> [[0.75, 0.25]].
     """
-    _check(cls_attn, 3, "cls_attn [f, H, N]")
+    check_ndim(cls_attn, 3, "cls_attn [f, H, N]")
     mean = cls_attn.to(torch.float64).mean(dim=1)
     return mean / mean.sum(dim=-1, keepdim=True)
 
@@ -142,7 +142,7 @@ def attention_entropy(dist: Tensor) -> Tensor:
 
     Example: [[0.5, 0.5, 0.0]] -> [ln 2].
     """
-    _check(dist, 2, "dist [f, N]")
+    check_ndim(dist, 2, "dist [f, N]")
     return -torch.xlogy(dist, dist).sum(dim=-1)
 
 
@@ -152,7 +152,7 @@ def attention_kl(dist: Tensor) -> Tensor:
     The weight ``S^l_j`` in front of the log is not clipped (0 ln(..) = 0 for empty patches).
     Example: [[0.5, 0.5], [0.5, 0.5], [1.0, 0.0]] -> [0, 0.5 ln 0.5 + 0.5 ln(0.5/1e-12)].
     """
-    _check(dist, 2, "dist [f, N]")
+    check_ndim(dist, 2, "dist [f, N]")
     p, q = dist[:-1], dist[1:]
     log_ratio = p.clamp_min(KL_FLOOR).log() - q.clamp_min(KL_FLOOR).log()
     return (p * log_ratio).sum(dim=-1)
@@ -178,7 +178,7 @@ def choose_layers(
     Ties go to the smaller layer. Example: H = [3, 1, 2], rule "max-min", shallow (1, 2),
     deep (2, 3) -> l_s = 1 (H=3), l_d = 2 (H=1).
     """
-    _check(entropy, 1, "entropy [f]")
+    check_ndim(entropy, 1, "entropy [f]")
     f = int(entropy.shape[0])
     if rule not in RULES:
         raise InputError(f"unknown layer rule {rule!r}; choose one of: {', '.join(RULES)}")
@@ -209,7 +209,7 @@ def split_budget(budget: int, p_shallow: float) -> BudgetSplit:
 
 def rank_descending(scores: Tensor) -> Tensor:
     """[N] -> [N] int64 indices by descending score, ties: smaller first. [1, 3, 3] -> [1, 2, 0]."""
-    _check(scores, 1, "scores [N]")
+    check_ndim(scores, 1, "scores [N]")
     return torch.sort(scores, descending=True, stable=True).indices
 
 
@@ -222,7 +222,7 @@ def dual_layer_select(s_shallow: Tensor, s_deep: Tensor, split: BudgetSplit) -> 
         raise ValueError(
             f"scores must both be [N], got {tuple(s_shallow.shape)}, {tuple(s_deep.shape)}"
         )
-    _check_budget(split.k_s + split.k_d, int(s_deep.shape[0]))
+    check_budget(split.k_s + split.k_d, int(s_deep.shape[0]))
     deep_kept = rank_descending(s_deep)[: split.k_d]
     taken = torch.zeros_like(s_deep, dtype=torch.bool)
     taken[deep_kept] = True
@@ -236,8 +236,8 @@ def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
 
     Example: a [[1, 0]], b [[2, 0], [0, 3]] -> [[1, 0]].
     """
-    _check(a, 2, "a [M, D]")
-    _check(b, 2, "b [P, D]")
+    check_ndim(a, 2, "a [M, D]")
+    check_ndim(b, 2, "b [P, D]")
     a64, b64 = a.to(torch.float64), b.to(torch.float64)
     a64 = a64 / a64.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
     b64 = b64 / b64.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
@@ -250,7 +250,7 @@ def merge_into_kept(features: Tensor, kept: Tensor) -> TokenSet:
 
     Example: X = [[1, 0], [0, 1], [3, 0]], kept [0, 1] -> tokens [[2, 0], [0, 1]], counts [2, 1].
     """
-    _check(features, 2, "features [N, D]")
+    check_ndim(features, 2, "features [N, D]")
     n = int(features.shape[0])
     removed = torch.ones(n, dtype=torch.bool, device=features.device)
     removed[kept] = False
@@ -262,78 +262,3 @@ def merge_into_kept(features: Tensor, kept: Tensor) -> TokenSet:
     counts = counts.index_add(0, target, torch.ones_like(target))
     tokens = (sums / counts[:, None].to(torch.float64)).to(features.dtype)
     return TokenSet(kept=kept, tokens=tokens, counts=counts)
-
-
-def uniform_indices(n: int, budget: int) -> Tensor:
-    """[K] int64 indices floor((i + 0.5)·N/K), exact integer arithmetic. (8, 2) -> [2, 6]."""
-    _check_budget(budget, n)
-    i = torch.arange(budget, dtype=torch.int64)
-    return ((2 * i + 1) * n) // (2 * budget)
-
-
-def visionzip_contextual(budget: int) -> int:
-    """C = round(5K/32), halves rounded up (decided here): 64 -> 10, 128 -> 20, 16 -> 3."""
-    return (5 * budget + 16) // 32
-
-
-def visionzip_select(features: Tensor, attn_f: Tensor, keys: Tensor, budget: int) -> TokenSet:
-    """VisionZip (method.md §3): K-C dominant patches by head-summed attention, then C contextual.
-
-    features [N, D], attn_f [H, N] (block f), keys [N, D/H]. A target with no members is
-    ``x_target`` itself (VisionZip's clamped count). Output: dominant ascending, then the
-    contextual tokens in target (raster) order; ``kept`` holds their target indices.
-    """
-    _check(attn_f, 2, "attn_f [H, N]")
-    n = int(features.shape[0])
-    if attn_f.shape[1] != n or keys.shape[0] != n:
-        raise ValueError(
-            f"attn_f [H, {n}] and keys [{n}, D/H] expected, got "
-            f"{tuple(attn_f.shape)}, {tuple(keys.shape)}"
-        )
-    _check_budget(budget, n)
-    c = visionzip_contextual(budget)
-    dominant = torch.sort(rank_descending(attn_f.to(torch.float64).sum(0))[: budget - c]).values
-    ones = torch.ones(budget - c, dtype=torch.int64, device=features.device)
-    if c == 0:
-        return TokenSet(kept=dominant, tokens=features[dominant], counts=ones)
-    rest = torch.ones(n, dtype=torch.bool, device=features.device)
-    rest[dominant] = False
-    remaining = torch.nonzero(rest).flatten()
-    is_target = torch.zeros(remaining.shape[0], dtype=torch.bool, device=features.device)
-    is_target[torch.arange(0, remaining.shape[0], max(1, remaining.shape[0] // c))[:c]] = True
-    targets, members = remaining[is_target], remaining[~is_target]
-    assign = torch.argmax(cosine_matrix(keys[members], keys[targets]), dim=1)
-    sums = torch.zeros(c, features.shape[1], dtype=torch.float64, device=features.device)
-    sums = sums.index_add(0, assign, features[members].to(torch.float64))
-    n_members = torch.zeros(c, dtype=torch.int64, device=features.device)
-    n_members = n_members.index_add(0, assign, torch.ones_like(assign))
-    context = features[targets].to(torch.float64) + sums / n_members.clamp_min(1)[:, None]
-    return TokenSet(
-        kept=torch.cat([dominant, targets]),
-        tokens=torch.cat([features[dominant], context.to(features.dtype)]),
-        counts=torch.cat([ones, 1 + n_members]),
-    )
-
-
-def divprune_select(embeddings: Tensor, budget: int) -> Tensor:
-    """DivPrune on [N, E] projected embeddings -> [K] int64 ascending (greedy max-min diversity).
-
-    Distance 1 - cos (norms clipped at 1e-6). First pick: the token whose nearest *other*
-    token is farthest (the diagonal is excluded); then repeatedly the unpicked token farthest
-    from its nearest picked one. Example: E = [[1, 0], [1, 0.1], [0, 1]], K = 2 -> [0, 2].
-    """
-    _check(embeddings, 2, "embeddings [N, E]")
-    n = int(embeddings.shape[0])
-    _check_budget(budget, n)
-    dist = 1.0 - cosine_matrix(embeddings, embeddings)
-    eye = torch.eye(n, dtype=torch.bool, device=embeddings.device)
-    nearest_other = dist.masked_fill(eye, math.inf).min(dim=1).values if n > 1 else dist[:, 0]
-    picked = torch.zeros(n, dtype=torch.bool, device=embeddings.device)
-    first = int(torch.argmax(nearest_other))
-    picked[first] = True
-    to_picked = dist[first].clone()  # distance of every token to its nearest picked token
-    for _ in range(budget - 1):
-        nxt = int(torch.argmax(to_picked.masked_fill(picked, -math.inf)))
-        picked[nxt] = True
-        to_picked = torch.minimum(to_picked, dist[nxt])
-    return torch.nonzero(picked).flatten()

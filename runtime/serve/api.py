@@ -19,9 +19,9 @@ from typing import Annotated, Any, Literal
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from runtime.assistant import Settings
 from runtime.errors import ContextOverflowError, InputError, SettingError, UserError
 from runtime.preprocess import decode_image as decode_image_file
+from runtime.turn import Settings
 
 # A phone photo is 12-50 megapixels; Pillow's own bomb limit is ~89 M (an error only at twice that).
 MAX_IMAGE_PIXELS = 50_000_000

@@ -23,9 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from runtime.assistant import Assistant, Settings, TurnStats
+from runtime.assistant import Assistant
 from runtime.serve.api import APIError, Limits, error_body, parse_chat_request, validation_message
 from runtime.serve.worker import Event, Events, Failed, Finished, Piece, Ticket, Worker
+from runtime.turn import Settings, TurnStats
 
 MAX_BODY_BYTES = 20 * 2**20
 DRAIN_FACTOR = 4  # read (and drop) a body up to 4x the limit before answering 413, so the client sees the answer

@@ -54,9 +54,10 @@ def make_server(app: Any, sock: socket.socket, log_level: str = "info") -> Any:
 
 def serve(args: argparse.Namespace) -> int:
     """Load the bundle and serve it until Ctrl-C (or SIGTERM)."""
-    from runtime.assistant import Assistant, Settings
+    from runtime.assistant import Assistant
     from runtime.serve.api import Limits
     from runtime.serve.app import ServeConfig, create_app
+    from runtime.turn import Settings
 
     sock = listen(args.host, args.port)  # before loading: a port in use fails at once
     try:

@@ -16,10 +16,11 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.assistant import Assistant, TurnStats
+from runtime.assistant import Assistant
 from runtime.cli import log
 from runtime.errors import UserError
 from runtime.serve.api import APIError, ChatQuery, ImageData, decode_image
+from runtime.turn import TurnStats
 
 POLL_S = 0.1  # how often an idle worker looks at its stop flag
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.assistant import Assistant, Settings
+from runtime.assistant import Assistant
 from runtime.model_registry import bundle_path
+from runtime.turn import Settings
 
 
 class LlavaAnswerer:
