@@ -132,8 +132,22 @@ class Assistant:
 
     def restore(self, turns: Sequence[tuple[str, str]]) -> None:
         """Make the conversation these answered ``(question, answer)`` turns (the image is kept):
-        how a stateless client (the HTTP server) replays its history."""
-        self.conversation = Conversation(tuple(Turn(q, a) for q, a in turns), has_image=self._image is not None)
+        how a stateless client (the HTTP server) replays its history.
+
+        Where the replay starts with the turns this assistant answered itself (same questions, same
+        answers up to surrounding whitespace), their answers keep the token ids that were generated,
+        as in the chat: the KV cache holds exactly those, and re-tokenising the text can give other
+        ids (always for a random-weight model, sometimes for a real one), which would evaluate the
+        whole answer again. From the first turn that differs on, the text is tokenised.
+        """
+        restored, same = [], True
+        known = self.conversation.turns
+        for index, (question, answer) in enumerate(turns):
+            mine = known[index] if index < len(known) else None
+            same = same and mine is not None and mine.question == question and mine.answer is not None \
+                and mine.answer == answer.strip()
+            restored.append(Turn(question, mine.answer, mine.answer_ids) if same and mine else Turn(question, answer))
+        self.conversation = Conversation(tuple(restored), has_image=self._image is not None)
 
     @property
     def finish_reason(self) -> str | None:

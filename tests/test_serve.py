@@ -321,6 +321,28 @@ def test_follow_up_reuses_the_encoded_image(server: Running) -> None:
     assert text_only.status_code == 200 and text_only.json()["usage"]["image_tokens_kept"] == 0
 
 
+def test_follow_up_reuses_the_generated_answer_tokens(server: Running) -> None:
+    """A stateless client re-sends the answer as text; the server feeds back the ids it generated
+    (as the chat does), so the follow-up finds the whole previous request in the KV cache. Negative
+    control: an answer the client changed is tokenised from its text, and its positions are evaluated."""
+    image = data_url(png((56, 40), (30, 200, 60)))  # an image no other test sends
+    first_turn = [user("Describe it.", image)]
+    first = server.chat({"messages": first_turn, "max_tokens": 8}).json()
+    answer, used = first["choices"][0]["message"]["content"], first["usage"]
+    assert used["completion_tokens"] == 8  # the random model never stops early: 8 ids, the last never fed
+    evaluated = used["prompt_tokens"] + used["completion_tokens"] - 1
+
+    def cached(reply: str) -> int:
+        messages = first_turn + [{"role": "assistant", "content": reply}, user("And the shape?")]
+        response = server.chat({"messages": messages, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(answer) >= evaluated
+    server.chat({"messages": first_turn, "max_tokens": 8})  # the same first request again: same answer (greedy)
+    assert cached("Something else entirely.") < evaluated
+
+
 def test_health_and_models(server: Running) -> None:
     health = httpx.get(f"{server.url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["model"] == "bundle"

@@ -70,14 +70,19 @@ def table(with_reuse: list[TurnRow], without: list[TurnRow]) -> str:
     return markdown_table(header, cells, "rlrrrrr")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python tools/bench_chat.py", description=__doc__.splitlines()[0])
+def add_conversation_arguments(parser: OneLineParser) -> None:
+    """The options this conversation is run with (shared with tools/bench_serve.py)."""
     parser.add_argument("--model", required=True, help="bundle directory or name (with export.llm done)")
     parser.add_argument("--tokens", type=positive_int(1, 4096), default=64, help="visual tokens kept (default: 64)")
     parser.add_argument("--max-tokens", type=positive_int(1, 4096), default=32,
                         help="answer length in tokens (default: 32)")
     parser.add_argument("--threads", type=positive_int(1, 512), default=None, help="CPU threads (default: all)")
     parser.add_argument("--int8", action="store_true", help="use the int8 vision encoder (default: fp32)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python tools/bench_chat.py", description=__doc__.splitlines()[0])
+    add_conversation_arguments(parser)
     args = parser.parse_args(argv)
 
     def body() -> int:
