@@ -140,14 +140,12 @@ class Assistant:
         ids (always for a random-weight model, sometimes for a real one), which would evaluate the
         whole answer again. From the first turn that differs on, the text is tokenised.
         """
-        restored, same = [], True
-        known = self.conversation.turns
-        for index, (question, answer) in enumerate(turns):
-            mine = known[index] if index < len(known) else None
-            same = same and mine is not None and mine.question == question and mine.answer is not None \
-                and mine.answer == answer.strip()
-            restored.append(Turn(question, mine.answer, mine.answer_ids) if same and mine else Turn(question, answer))
-        self.conversation = Conversation(tuple(restored), has_image=self._image is not None)
+        known, same = self.conversation.turns, 0
+        while same < min(len(known), len(turns)) and (known[same].question, known[same].answer) == \
+                (turns[same][0], turns[same][1].strip()):
+            same += 1
+        replayed = tuple(Turn(question, answer) for question, answer in turns[same:])
+        self.conversation = Conversation(known[:same] + replayed, has_image=self._image is not None)
 
     @property
     def finish_reason(self) -> str | None:

@@ -213,7 +213,7 @@ def test_runtime_rooms_import_downward_only() -> None:
     graph = import_graph()
     assert {"runtime.llm.context", "runtime.anyres.pipeline", "runtime.serve.app"} <= set(graph)
     found = upward_imports(graph)
-    assert not found, "imports from a lower runtime room into a higher one:\n" + "\n".join(found)
+    assert not found, "lower runtime rooms importing higher ones:\n" + "\n".join(found)
 
 
 def test_every_runtime_room_has_a_level() -> None:

@@ -40,6 +40,7 @@ from runtime.cli import OneLineParser, log, positive_int, run_cli  # noqa: E402
 from runtime.errors import UserError  # noqa: E402
 from tools.bench_chat import SCRIPT, add_conversation_arguments  # noqa: E402
 from tools.benchkit.common import markdown_table, sample_images  # noqa: E402
+from tools.benchkit.proctree import status_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING = re.compile(r"serving model .* at (http://\S+/v1)")
@@ -47,17 +48,25 @@ STOP_S = 30  # how long the stopped server gets to exit before it is killed
 
 
 @dataclass(frozen=True)
-class Request:
-    """One measured request."""
+class Reply:
+    """One streamed answer and what it cost."""
 
-    turn: int
-    question: str
-    new_image: bool
+    text: str
     prompt_tokens: int  # every prompt position of the request (cached ones included)
     cached_tokens: int  # prompt positions the server kept in its KV cache
     ttft_s: float  # request sent -> first content delta received
     total_s: float  # request sent -> stream closed
     answer_tokens: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """One measured request of the conversation."""
+
+    turn: int
+    question: str
+    new_image: bool
+    reply: Reply
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,6 @@ class Served:
     proc: subprocess.Popen[str]
     base_url: str
     load_s: float  # process start -> serving (imports, bundle and model load)
-    stderr: list[str]  # the child's log lines so far (pumped by a thread)
 
 
 def start_server(argv: Sequence[str], timeout_s: float) -> Served:
@@ -95,7 +103,7 @@ def start_server(argv: Sequence[str], timeout_s: float) -> Served:
             why = "exited" if time.perf_counter() <= deadline else f"did not serve within {timeout_s:.0f} s"
             raise UserError(f"the server {why}: {last}")
     url = next(m.group(1) for m in map(SERVING.search, lines) if m)
-    return Served(proc, url, time.perf_counter() - start, lines)
+    return Served(proc, url, time.perf_counter() - start)
 
 
 def stop_server(proc: subprocess.Popen[str]) -> None:
@@ -109,14 +117,6 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """``VmHWM`` of a live process (Linux), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise UserError(f"no VmHWM in /proc/{pid}/status")
-
-
 def data_url(image: Image.Image) -> str:
     """A PNG ``data:`` URL, as an app sends an image inline."""
     buffer = io.BytesIO()
@@ -124,8 +124,14 @@ def data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def ask(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int) -> tuple[str, dict[str, Any]]:
-    """One streamed request: the answer text and its measurements (ttft_s, total_s, usage)."""
+def image_message(text: str, image: Image.Image) -> dict[str, Any]:
+    """A user message with the image inline, as the first message of a conversation."""
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": data_url(image)}}]}
+
+
+def ask(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int) -> Reply:
+    """One streamed request, measured."""
     start = time.perf_counter()
     first, parts, usage = None, [], None
     stream = client.chat.completions.create(model=model, messages=messages, stream=True, temperature=0.0,
@@ -139,10 +145,8 @@ def ask(client: Any, model: str, messages: list[dict[str, Any]], max_tokens: int
     if usage is None:
         raise UserError("the server sent no usage chunk (stream_options.include_usage was asked)")
     details = usage.prompt_tokens_details
-    return "".join(parts), {"ttft_s": first if first is not None else float("nan"),
-                            "total_s": time.perf_counter() - start, "prompt_tokens": usage.prompt_tokens,
-                            "cached_tokens": details.cached_tokens if details is not None else 0,
-                            "answer_tokens": usage.completion_tokens}
+    return Reply("".join(parts), usage.prompt_tokens, details.cached_tokens if details is not None else 0,
+                 first if first is not None else float("nan"), time.perf_counter() - start, usage.completion_tokens)
 
 
 def run_script(client: Any, model: str, images: list[Image.Image], max_tokens: int) -> list[Request]:
@@ -150,21 +154,19 @@ def run_script(client: Any, model: str, images: list[Image.Image], max_tokens: i
     rows, messages = [], []
     for turn, (question, switch) in enumerate(SCRIPT, start=1):
         if switch is not None:
-            content: Any = [{"type": "text", "text": question},
-                            {"type": "image_url", "image_url": {"url": data_url(images[switch])}}]
-            messages = [{"role": "user", "content": content}]
+            messages = [image_message(question, images[switch])]
         else:
             messages.append({"role": "user", "content": question})
-        answer, m = ask(client, model, messages, max_tokens)
-        messages.append({"role": "assistant", "content": answer})
-        rows.append(Request(turn, question, switch is not None, m["prompt_tokens"], m["cached_tokens"], m["ttft_s"],
-                            m["total_s"], m["answer_tokens"]))
+        reply = ask(client, model, messages, max_tokens)
+        messages.append({"role": "assistant", "content": reply.text})
+        rows.append(Request(turn, question, switch is not None, reply))
     return rows
 
 
 def table(rows: list[Request]) -> str:
-    cells = [[r.turn, r.question + (" (new image)" if r.new_image else ""), r.prompt_tokens, r.cached_tokens,
-              f"{r.ttft_s:.2f}", f"{r.total_s:.2f}", r.answer_tokens] for r in rows]
+    cells = [[r.turn, r.question + (" (new image)" if r.new_image else ""), r.reply.prompt_tokens,
+              r.reply.cached_tokens, f"{r.reply.ttft_s:.2f}", f"{r.reply.total_s:.2f}", r.reply.answer_tokens]
+             for r in rows]
     header = ("request", "question", "prompt positions", "cached", "TTFT s", "total s", "answer tokens")
     return markdown_table(header, cells, "rlrrrrr")
 
@@ -197,12 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             client = OpenAI(base_url=served.base_url, api_key="not-needed", max_retries=0, timeout=3600)
             model = client.models.list().data[0].id
             log("warming up (one request, not measured)")
-            ask(client, model, [{"role": "user", "content": [
-                {"type": "text", "text": "Warm-up: what is this?"},
-                {"type": "image_url", "image_url": {"url": data_url(images[2])}}]}], args.max_tokens)
+            ask(client, model, [image_message("Warm-up: what is this?", images[2])], args.max_tokens)
             log("running the conversation")
             rows = run_script(client, model, images, args.max_tokens)
-            peak = peak_rss_bytes(served.proc.pid)
+            peak = status_bytes(served.proc.pid, "VmHWM")
+            if not peak:
+                raise UserError(f"no VmHWM in /proc/{served.proc.pid}/status (did the server exit?)")
         finally:
             stop_server(served.proc)
         print(table(rows))

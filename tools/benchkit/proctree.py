@@ -60,6 +60,12 @@ def _kib(status: Mapping[str, str], key: str) -> int:
     return int(value[0]) * 1024 if value else 0
 
 
+def status_bytes(pid: int, key: str) -> int:
+    """A ``NNN kB`` field of a live process's ``/proc/PID/status`` (``VmHWM``, ``VmRSS``...) in bytes;
+    0 when the process is gone or has no such field."""
+    return _kib(_status(pid), key)
+
+
 def _written(pid: int) -> int | None:
     """Bytes the process (with its dead threads and reaped children) wrote; ``wchar`` if no ``write_bytes``."""
     try:
